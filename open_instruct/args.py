@@ -1,0 +1,269 @@
+"""The trainer's arguments: one typed dataclass, parsed with transformers' HfArgumentParser.
+
+Flag names follow allenai/open-instruct's ``finetune.py`` where one exists. Arguments come from the command line,
+from a YAML file (``python -m open_instruct.finetune config.yaml`` or ``--config config.yaml``), or both: command-line
+flags override the file. Unknown flags, unknown YAML keys and prefix abbreviations (``--learning`` for
+``--learning_rate``) are errors, and so is a flag that the chosen settings would silently ignore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "wsd")
+TRACKERS = ("wandb",)
+
+
+def _field(default, help: str, **kwargs):
+    """A dataclass field whose help text doubles as its documentation (``--help`` shows it)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class FinetuneArgs:
+    """Every setting of one fine-tuning run. Each field's help is its documentation."""
+
+    # --- model and tokenizer ---
+    model_name_or_path: str | None = _field(
+        None, "Base model: a Hugging Face hub id (org/name) or a local HF model directory. Required."
+    )
+    model_revision: str | None = _field(None, "Hub revision (branch, tag or commit) of the model.")
+    tokenizer_name_or_path: str | None = _field(
+        None, "Tokenizer hub id or local directory. Default: the same as --model_name_or_path."
+    )
+    tokenizer_revision: str | None = _field(None, "Hub revision of the tokenizer.")
+    chat_template_name: str | None = _field(
+        None,
+        "Chat template by name (see open_instruct/chat_templates.py: tulu, simple_chat, chatml). "
+        "Default: the tokenizer's own template; a tokenizer without one is an error.",
+    )
+    # --- data ---
+    dataset_mixer_list: list[str] = _field(
+        [],
+        "Training mixture as pairs 'name amount ...'. name: hub id (org/name[@revision]), local .jsonl/.json/.parquet "
+        "file or folder, or synthetic:<task>. amount: with a '.', a fraction of the source (above 1.0 repeats it); "
+        "an integer, a row count. Example: --dataset_mixer_list synthetic:spelling 1.0 data/chat.jsonl 500",
+    )
+    dataset_mixer_list_splits: list[str] = _field(
+        ["train"], "Split to read: one for every source, or one per source in mixer order."
+    )
+    max_seq_length: int = _field(2048, "Examples longer than this many tokens are truncated.")
+    # --- batch and optimisation ---
+    per_device_train_batch_size: int = _field(1, "Examples per micro-batch on each device.")
+    gradient_accumulation_steps: int = _field(
+        1, "Micro-batches per optimizer step. Global batch = per-device batch x accumulation x processes."
+    )
+    learning_rate: float = _field(2e-5, "Peak learning rate (AdamW).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "wsd"] = _field(
+        "linear",
+        "LR schedule after warmup: linear or cosine decay to final_lr_ratio x peak; constant (no warmup); "
+        "constant_with_warmup; wsd (warmup, stable, then linear decay over the last warmdown_ratio of steps).",
+    )
+    warmup_ratio: float = _field(0.03, "Fraction of the optimizer steps spent warming the LR up linearly from 0.")
+    final_lr_ratio: float = _field(
+        0.0, "LR at the end of a linear, cosine or wsd schedule, as a fraction of the peak."
+    )
+    warmdown_ratio: float = _field(0.2, "wsd only: fraction of the optimizer steps spent decaying at the end.")
+    weight_decay: float = _field(0.0, "AdamW weight decay (not applied to biases and norm weights).")
+    clip_grad_norm: float = _field(-1.0, "Clip the global gradient norm to this value; -1 disables clipping.")
+    num_train_epochs: int = _field(2, "Passes over the training mixture (ignored where --max_train_steps is set).")
+    max_train_steps: int | None = _field(
+        None, "Stop after this many optimizer steps; overrides --num_train_epochs when set."
+    )
+    seed: int = _field(42, "Seeds the mixture sampling, the data order and the model's random state.")
+    # --- model features ---
+    use_liger_kernel: bool = _field(
+        False,
+        "Liger fused kernels (RMSNorm, RoPE, SwiGLU) on CUDA. Without CUDA the stock PyTorch ops, which compute "
+        "the same, are used and the log says so.",
+    )
+    padding_free: bool = _field(
+        True,
+        "Pack each micro-batch into one row without padding; position_ids restart per example so no example "
+        "attends to another. --no_padding_free pads each micro-batch to its longest example instead.",
+    )
+    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    # --- output, checkpoints, hub ---
+    output_dir: str = _field("output/", "Where the final model, metrics.jsonl, the config and checkpoints go.")
+    exp_name: str = _field("finetune", "Run name: used for tracking and as the default hub revision.")
+    checkpointing_steps: str | None = _field(
+        None, "Save the full training state every N optimizer steps, or 'epoch' at each epoch end. Default: never."
+    )
+    push_to_hub: bool = _field(False, "Upload the final model to the Hugging Face Hub (a private repo).")
+    hf_repo_id: str | None = _field(
+        None, "Hub repo for --push_to_hub (org/name). Default: <your user>/<exp_name>."
+    )
+    # --- logging ---
+    logging_steps: int = _field(1, "Log metrics every N optimizer steps (console and metrics.jsonl).")
+    with_tracking: bool = _field(False, "Also send metrics and the resolved config to an experiment tracker.")
+    report_to: str = _field("wandb", "Tracker for --with_tracking. Only 'wandb' is supported.")
+    wandb_project_name: str = _field("open_instruct_internal", "wandb project (with --with_tracking).")
+    wandb_entity: str | None = _field(None, "wandb entity (team or user) (with --with_tracking).")
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def checkpoint_every_epoch(self) -> bool:
+        return self.checkpointing_steps == "epoch"
+
+    @property
+    def checkpoint_every_n_steps(self) -> int | None:
+        if self.checkpointing_steps is None or self.checkpointing_steps == "epoch":
+            return None
+        return int(self.checkpointing_steps)
+
+
+class ArgumentError(ValueError):
+    """A setting is wrong; the message names the flag and how to fix it."""
+
+
+def _defaults() -> dict:
+    values = {}
+    for f in dataclasses.fields(FinetuneArgs):
+        values[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return values
+
+
+def _changed(args: FinetuneArgs, name: str) -> bool:
+    return getattr(args, name) != _defaults()[name]
+
+
+def validate(args: FinetuneArgs) -> None:
+    """Reject values that are out of range and flags that the other settings would ignore."""
+    errors = []
+    if not args.model_name_or_path:
+        errors.append("--model_name_or_path is required (a hub id or a local model directory).")
+    if not args.dataset_mixer_list:
+        errors.append("--dataset_mixer_list is required, e.g. --dataset_mixer_list synthetic:spelling 1.0")
+    for name in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                 "num_train_epochs"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        errors.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+    if args.learning_rate <= 0:
+        errors.append(f"--learning_rate must be positive, got {args.learning_rate}.")
+    for name in ("warmup_ratio", "final_lr_ratio", "warmdown_ratio"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            errors.append(f"--{name} must be between 0 and 1, got {getattr(args, name)}.")
+    if args.clip_grad_norm != -1 and args.clip_grad_norm <= 0:
+        errors.append(f"--clip_grad_norm must be positive, or -1 to disable clipping; got {args.clip_grad_norm}.")
+    if args.weight_decay < 0:
+        errors.append(f"--weight_decay must be non-negative, got {args.weight_decay}.")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            errors.append(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}.")
+    if args.report_to not in TRACKERS:
+        errors.append(f"--report_to {args.report_to!r} is not supported; use one of {', '.join(TRACKERS)}.")
+    # Flags that would be accepted and then ignored are errors: say which setting makes them do nothing.
+    if args.lr_scheduler_type != "wsd" and _changed(args, "warmdown_ratio"):
+        errors.append("--warmdown_ratio only applies to --lr_scheduler_type wsd.")
+    if args.lr_scheduler_type in ("constant", "constant_with_warmup") and _changed(args, "final_lr_ratio"):
+        errors.append(f"--final_lr_ratio has no effect with --lr_scheduler_type {args.lr_scheduler_type}.")
+    if args.lr_scheduler_type == "constant" and _changed(args, "warmup_ratio"):
+        errors.append("--warmup_ratio has no effect with --lr_scheduler_type constant; use constant_with_warmup.")
+    if not args.with_tracking:
+        for name in ("wandb_project_name", "wandb_entity", "report_to"):
+            if _changed(args, name):
+                errors.append(f"--{name} has no effect without --with_tracking.")
+    if not args.push_to_hub and _changed(args, "hf_repo_id"):
+        errors.append("--hf_repo_id has no effect without --push_to_hub.")
+    if errors:
+        raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def _load_yaml(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ArgumentError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ArgumentError(f"Config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ArgumentError(f"Config file {path} must be a mapping of flag names to values.")
+    known = {f.name for f in dataclasses.fields(FinetuneArgs)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ArgumentError(f"Config file {path} has unknown keys: {', '.join(unknown)}. See --help for the names.")
+    return values
+
+
+def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Find the YAML config: a leading positional '*.yaml' / '*.yml', or --config PATH / --config=PATH."""
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        return argv[0], argv[1:]
+    for i, token in enumerate(argv):
+        if token == "--config":
+            if i + 1 >= len(argv):
+                raise ArgumentError("--config needs a path to a YAML file.")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(FinetuneArgs, allow_abbrev=False)
+    parser.prog = "python -m open_instruct.finetune"
+    return parser
+
+
+def _yaml_to_argv(values: dict) -> list[str]:
+    """YAML values as command-line tokens, so they are typed and checked exactly like flags."""
+    tokens = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            tokens += [f"--{key}", *(str(v) for v in value)]
+        elif isinstance(value, bool):
+            tokens += [f"--{key}", str(value).lower()]
+        else:
+            tokens += [f"--{key}", str(value)]
+    return tokens
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneArgs:
+    """Parse the command line (and an optional YAML file) into FinetuneArgs; exits with a message on a bad flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = _split_config(argv)
+    parser = build_parser()
+    if config_path:
+        try:
+            argv = _yaml_to_argv(_load_yaml(config_path)) + argv  # later (command-line) flags win
+        except ArgumentError as exc:
+            parser.error(str(exc))
+    try:
+        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ArgumentError as exc:
+        parser.error(str(exc))
+    if unknown:
+        parser.error(_unknown_flags_message(unknown))
+    return args
+
+
+def _unknown_flags_message(unknown: list[str]) -> str:
+    known = [f"--{f.name}" for f in dataclasses.fields(FinetuneArgs)]
+    lines = [f"unrecognized arguments: {' '.join(unknown)}"]
+    for token in unknown:
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1)
+            if close:
+                lines.append(f"{token}: did you mean {close[0]}?")
+    return "\n".join(lines)
+
+
+def args_to_dict(args: FinetuneArgs) -> dict:
+    return dataclasses.asdict(args)

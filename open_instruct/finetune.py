@@ -1,0 +1,304 @@
+"""Supervised fine-tuning of a causal LM on a chat mixture: accelerate + DeepSpeed ZeRO-3, one readable loop.
+
+Single process (CPU or one GPU):
+    python -m open_instruct.finetune --model_name_or_path output/tiny-llama \
+        --dataset_mixer_list synthetic:spelling 1.0 --output_dir output/run
+
+Several processes with DeepSpeed ZeRO-3 (CPU uses gloo; GPUs use NCCL):
+    accelerate launch --num_processes 2 --use_deepspeed \
+        --deepspeed_config_file configs/ds_configs/stage3_no_offloading_accelerate.conf \
+        -m open_instruct.finetune config.yaml
+
+Every flag is documented in open_instruct/args.py (or `--help`). The run directory receives the final model in
+Hugging Face format, metrics.jsonl, run_config.yaml, dataset_stats.json, summary.json and any checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+
+from open_instruct import hub
+from open_instruct.args import FinetuneArgs, args_to_dict, parse_args
+from open_instruct.batching import BatchPlan, collate, micro_batches_for_rank
+from open_instruct.checkpointing import save_final_model, save_training_state
+from open_instruct.data import DataError, TokenizedMixture, build_mixture, format_stats, parse_mixer
+from open_instruct.loss import scale_for_backward, token_loss_sum
+from open_instruct.metrics import MetricsLogger, RunCounters
+from open_instruct.model_utils import (
+    ModelSetupError,
+    attention_implementation,
+    load_model,
+    load_tokenizer,
+    pad_token_id,
+)
+from open_instruct.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger("open_instruct.finetune")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+USER_ERRORS = (DataError, hub.HubError, ModelSetupError)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------------------------
+def build_accelerator(args: FinetuneArgs) -> Accelerator:
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(hours=2))]
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without this accelerate leaves a CPU DeepSpeed run thinking it has one process while DeepSpeed has many.
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(hours=2))]
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="wandb" if args.with_tracking else None,
+        kwargs_handlers=handlers,
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise ModelSetupError(
+            f"The launcher started {launched} processes but accelerate sees {accelerator.num_processes}; on a CPU-only "
+            "machine launch several processes with --use_deepspeed, or with torchrun and ACCELERATE_USE_CPU=true."
+        )
+    configure_deepspeed(accelerator, args)
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, args: FinetuneArgs) -> None:
+    """Fill the DeepSpeed config's batch and clipping entries from our flags; a conflicting explicit value is an error."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    wanted = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+        "gradient_clipping": args.clip_grad_norm if args.clip_grad_norm > 0 else 0.0,
+    }
+    for key, value in wanted.items():
+        current = plugin.deepspeed_config.get(key, "auto")
+        if current != "auto" and current != value:
+            raise ValueError(f"DeepSpeed config sets {key}={current} but the flags give {value}; set it to \"auto\".")
+        plugin.deepspeed_config[key] = value
+    zero = plugin.deepspeed_config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # The final save gathers the full weights from the shards; without this accelerate refuses to.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level,
+                        force=True)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning() if accelerator.is_main_process else transformers.utils.logging.set_verbosity_error()
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
+    output = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "run_config.yaml").write_text(yaml.safe_dump(args_to_dict(args), sort_keys=False))
+    accelerator.wait_for_everyone()
+    return output
+
+
+def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path) -> None:
+    if not args.with_tracking:
+        return
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        os.environ["WANDB_MODE"] = "offline"
+        logger.info("WANDB_API_KEY is not set: wandb runs offline under %s/wandb (upload later with `wandb sync`).", output)
+    accelerator.init_trackers(
+        args.wandb_project_name,
+        config=args_to_dict(args),
+        init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.exp_name, "dir": str(output)}},
+    )
+
+
+def model_dtype(accelerator: Accelerator) -> torch.dtype:
+    # DeepSpeed keeps its own fp32 master copy, so its bf16 runs load bf16 weights; otherwise accelerate autocasts.
+    if accelerator.state.deepspeed_plugin is not None and accelerator.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def make_plan(args: FinetuneArgs, accelerator: Accelerator, mixture: TokenizedMixture) -> tuple[BatchPlan, int]:
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    plan = BatchPlan(len(mixture), global_batch, args.seed)
+    if plan.steps_per_epoch == 0:
+        raise ValueError(
+            f"The mixture has {len(mixture)} examples, fewer than one global batch ({global_batch} = per-device batch "
+            f"x gradient accumulation x {accelerator.num_processes} processes). Add data or shrink the batch."
+        )
+    total_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
+    return plan, total_steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ----------------------------------------------------------------------------------------------------------------
+def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: FinetuneArgs, accelerator: Accelerator,
+                  pad_id: int) -> list[dict]:
+    global_batch = plan.global_batch(step)
+    shares = micro_batches_for_rank(global_batch, accelerator.process_index, accelerator.num_processes,
+                                    args.gradient_accumulation_steps)
+    return [
+        collate([mixture.input_ids[i] for i in share], [mixture.labels[i] for i in share], args.padding_free, pad_id)
+        for share in shares
+    ]
+
+
+def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], args: FinetuneArgs) -> dict:
+    """Forward/backward every micro-batch of this process, then one optimizer step. Returns global step metrics."""
+    local_counts = torch.tensor(
+        [sum(b[key] for b in batches) for key in ("num_trained_tokens", "num_tokens", "num_tokens_with_padding")],
+        dtype=torch.long, device=accelerator.device,
+    )
+    trained, tokens, tokens_with_padding = accelerator.reduce(local_counts, reduction="sum").tolist()
+    loss_sum_local = torch.zeros((), device=accelerator.device)
+    grad_norm = None
+    model.train()
+    for batch in batches:
+        with accelerator.accumulate(model):
+            inputs = {key: batch[key].to(accelerator.device) for key in MODEL_INPUTS if key in batch}
+            logits = model(**inputs, use_cache=False).logits
+            loss_sum = token_loss_sum(logits, batch["target_ids"].to(accelerator.device))
+            accelerator.backward(
+                scale_for_backward(loss_sum, trained, accelerator.num_processes, args.gradient_accumulation_steps)
+            )
+            if accelerator.sync_gradients and args.clip_grad_norm > 0:
+                # The norm before clipping (DeepSpeed clips inside its step and reports the same quantity).
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.clip_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad()
+        loss_sum_local += loss_sum.detach().float()
+    loss = accelerator.reduce(loss_sum_local, reduction="sum").item() / max(trained, 1)
+    return {"train_loss": loss, "grad_norm": grad_norm, "trained_tokens": trained, "tokens": tokens,
+            "tokens_with_padding": tokens_with_padding}
+
+
+def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
+    done = step + 1
+    if args.checkpoint_every_epoch:
+        return done % plan.steps_per_epoch == 0
+    every = args.checkpoint_every_n_steps
+    return every is not None and done % every == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    mixer_items = parse_mixer(args.dataset_mixer_list, args.dataset_mixer_list_splits)  # fail fast: no download yet
+    accelerator = build_accelerator(args)
+    setup_logging(accelerator)
+    output = prepare_output_dir(args, accelerator)
+    repo_id = hub.resolve_repo_id(args) if args.push_to_hub and accelerator.is_main_process else None
+
+    tokenizer = load_tokenizer(args)
+    mixture = build_mixture(mixer_items, tokenizer, args.max_seq_length, args.seed,
+                            show_progress=accelerator.is_main_process)
+    plan, total_steps = make_plan(args, accelerator, mixture)
+    logger.info("Mixture:\n%s", format_stats(mixture.stats))
+    logger.info("%d examples, global batch %d, %d steps per epoch (%d examples left out of each epoch), %d steps.",
+                len(mixture), plan.global_batch_size, plan.steps_per_epoch, plan.dropped_per_epoch(), total_steps)
+    if accelerator.is_main_process:
+        stats = [vars(s) for s in mixture.stats]
+        (output / "dataset_stats.json").write_text(json.dumps(stats, indent=2))
+
+    set_seed(args.seed)
+    attn = attention_implementation()
+    model = load_model(args, model_dtype(accelerator), attn)
+    logger.info("Model %s: %.1fM parameters, attention %s, padding-free %s.", args.model_name_or_path,
+                sum(p.numel() for p in model.parameters()) / 1e6, attn, args.padding_free)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    init_tracking(accelerator, args, output)
+
+    metrics_log = MetricsLogger(accelerator, output, args.with_tracking)
+    counters = RunCounters(accelerator.num_processes)
+    pad_id = pad_token_id(tokenizer)
+    first_loss = last_loss = None
+    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for step in range(total_steps):
+        learning_rate = scheduler.get_last_lr()[0]
+        result = train_step(accelerator, model, optimizer, micro_batches(mixture, plan, step, args, accelerator, pad_id),
+                            args)
+        scheduler.step()
+        counters.add(result["tokens"], result["tokens_with_padding"], result["trained_tokens"])
+        first_loss = result["train_loss"] if first_loss is None else first_loss
+        last_loss = result["train_loss"]
+        throughput = counters.throughput()
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{throughput['per_device_tps']:.0f}")
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+            metrics_log.log({
+                "step": step + 1,
+                "epoch": (step + 1) / plan.steps_per_epoch,
+                "learning_rate": learning_rate,
+                "train_loss": last_loss,
+                "total_tokens": counters.total_tokens,
+                "total_tokens_including_padding": counters.total_tokens_including_padding,
+                "trained_tokens": counters.trained_tokens,
+                **({"grad_norm": result["grad_norm"]} if result["grad_norm"] is not None else {}),
+                **throughput,
+            }, step=step + 1)
+        if should_checkpoint(args, step, plan):
+            save_training_state(accelerator, output, step + 1)
+    progress.close()
+
+    train_seconds, final_throughput = counters.elapsed, counters.throughput()
+    save_final_model(accelerator, model, tokenizer, output)
+    summary = {
+        "steps": total_steps,
+        "train_seconds": round(train_seconds, 2),
+        "first_train_loss": first_loss,
+        "last_train_loss": last_loss,
+        "total_tokens": counters.total_tokens,
+        "trained_tokens": counters.trained_tokens,
+        **{key: round(value, 1) for key, value in final_throughput.items()},
+        "model_dir": str(output.resolve()),
+    }
+    if accelerator.is_main_process:
+        if repo_id:
+            summary["hub_url"] = hub.push_folder(output, repo_id)
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+    accelerator.end_training()
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    width = max(len(key) for key in summary)
+    lines = [f"  {key:<{width}}  {value}" for key, value in summary.items()]
+    print("\n".join(["", "Run finished:", *lines, ""]), flush=True)
+
+
+def cli() -> None:
+    """Entry point: a user error (bad data, missing login, unusable tokenizer) prints one clear line, no traceback."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

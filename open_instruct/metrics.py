@@ -1,0 +1,66 @@
+"""Per-step metrics: console line, OUTPUT_DIR/metrics.jsonl, and the experiment tracker.
+
+Token counts are global (all processes). Throughputs are cumulative since the first step:
+per_device_tps = total_tokens / num_processes / elapsed seconds (padding excluded), and
+per_device_tps_including_padding counts every position the model computed, padding included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+@dataclass
+class RunCounters:
+    num_processes: int
+    total_tokens: int = 0
+    total_tokens_including_padding: int = 0
+    trained_tokens: int = 0
+    start_time: float = field(default_factory=time.perf_counter)
+
+    def add(self, tokens: int, tokens_including_padding: int, trained_tokens: int) -> None:
+        self.total_tokens += tokens
+        self.total_tokens_including_padding += tokens_including_padding
+        self.trained_tokens += trained_tokens
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start_time, 1e-9)
+
+    def throughput(self) -> dict[str, float]:
+        per_device_seconds = self.elapsed * self.num_processes
+        return {
+            "per_device_tps": self.total_tokens / per_device_seconds,
+            "per_device_tps_including_padding": self.total_tokens_including_padding / per_device_seconds,
+        }
+
+
+class MetricsLogger:
+    """Writes one JSON object a line; only the main process writes."""
+
+    def __init__(self, accelerator, output_dir: str | Path, with_tracking: bool):
+        self.accelerator = accelerator
+        self.with_tracking = with_tracking
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.write_text("")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        if self.with_tracking:
+            self.accelerator.log(metrics, step=step)
+        tqdm.write(format_line(metrics))
+
+
+def format_line(m: dict) -> str:
+    return (f"step {m['step']:>5} | epoch {m['epoch']:.2f} | loss {m['train_loss']:.4f} | lr {m['learning_rate']:.2e} "
+            f"| tokens {m['total_tokens']} | tok/s/device {m['per_device_tps']:.0f} "
+            f"(incl. padding {m['per_device_tps_including_padding']:.0f})")

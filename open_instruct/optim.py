@@ -1,0 +1,54 @@
+"""Optimizer and learning-rate schedule. The schedule is a pure function of the step, tested on its own."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NO_DECAY_KEYWORDS = ("bias", "norm")
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "wsd")
+
+
+def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_ratio: float, final_lr_ratio: float,
+                  warmdown_ratio: float) -> float:
+    """Multiplier of the peak LR used for optimizer step `step` (0-based) of `total_steps`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown lr_scheduler_type {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    if schedule == "constant":
+        return 1.0
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant_with_warmup":
+        return 1.0
+    if schedule == "wsd":
+        decay_steps = int(math.ceil(warmdown_ratio * total_steps))
+        decay_start = total_steps - decay_steps
+        if step < decay_start or decay_steps == 0:
+            return 1.0
+        progress = (step - decay_start) / decay_steps
+        return 1.0 - (1.0 - final_lr_ratio) * progress
+    # As in transformers' schedules: the first step after warmup uses the peak, the last one is just above the end.
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    if schedule == "linear":
+        return 1.0 - (1.0 - final_lr_ratio) * progress
+    return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(key in name.lower() for key in NO_DECAY_KEYWORDS) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=False)
+
+
+def build_scheduler(optimizer, total_steps: int, args) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step by the trainer (not handed to accelerate, which would step it per process)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, total_steps, args.lr_scheduler_type, args.warmup_ratio, args.final_lr_ratio,
+                                   args.warmdown_ratio),
+    )

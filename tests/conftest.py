@@ -1,0 +1,70 @@
+"""Shared fixtures: the tiny model is built once per session; training runs go through the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from open_instruct.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def clean_env(**extra) -> dict:
+    """The environment for a child run: no tracker or hub credentials leak in from the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_", "ACCELERATE_"))}
+    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def finetune(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "open_instruct.finetune", *args], env=env, check=check)
+
+
+def accelerate_launch(num_processes: int, args: list[str], ds_config: str | None = None) -> subprocess.CompletedProcess:
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(num_processes)]
+    if ds_config:
+        launcher += ["--use_deepspeed", "--deepspeed_config_file", str(REPO / ds_config)]
+    return run([*launcher, "-m", "open_instruct.finetune", *args])
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def copy_without_template(model_dir: Path, target: Path) -> Path:
+    shutil.copytree(model_dir, target)
+    (target / "chat_template.jinja").unlink()
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target

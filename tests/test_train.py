@@ -1,0 +1,177 @@
+"""Tiny-model training runs in one process, through the real entry point (python -m open_instruct.finetune)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, clean_env, copy_without_template, finetune, read_metrics, run
+
+pytestmark = pytest.mark.integration
+
+REQUIRED_METRICS = {"step", "epoch", "learning_rate", "train_loss", "total_tokens", "total_tokens_including_padding",
+                    "per_device_tps", "per_device_tps_including_padding"}
+
+
+def base_args(model_dir, output_dir, steps=4, *extra):
+    return ["--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+            "--dataset_mixer_list", "synthetic:spelling", "96", "synthetic:arithmetic", "32",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "2e-3",
+            "--max_train_steps", str(steps), "--seed", "1", *extra]
+
+
+def losses(output_dir):
+    return [row["train_loss"] for row in read_metrics(output_dir)]
+
+
+def test_run_trains_saves_and_reloads(tiny_model_dir, tmp_path):
+    secret = "hf_DoNotLeakThisValue123"
+    out = tmp_path / "run"
+    result = finetune(base_args(tiny_model_dir, out, 30), env=clean_env(HF_TOKEN=secret, WANDB_API_KEY="wandb-secret-456"))
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 31))  # logging_steps defaults to 1
+    assert all(REQUIRED_METRICS <= set(m) for m in metrics)
+    assert metrics[-1]["train_loss"] < 0.6 * metrics[0]["train_loss"], losses(out)
+    assert metrics[-1]["total_tokens"] == metrics[-1]["total_tokens_including_padding"]  # padding-free: no padding
+    assert all(m["per_device_tps"] > 0 for m in metrics)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json",
+                 "run_config.yaml", "dataset_stats.json", "summary.json"):
+        assert (out / name).is_file(), name
+    assert not (out / ".final_model.tmp").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.chat_template
+    from open_instruct.sample import answer
+
+    assert isinstance(answer(model, tokenizer, "Spell the word: cat", max_new_tokens=12), str)
+    # Secrets never reach logs or saved files.
+    everything = result.stdout + result.stderr + "".join(p.read_text(errors="ignore") for p in out.glob("*.*")
+                                                         if p.suffix in {".json", ".yaml", ".jsonl"})
+    assert secret not in everything and "wandb-secret-456" not in everything
+
+
+def test_padded_and_padding_free_train_identically(tiny_model_dir, tmp_path):
+    finetune(base_args(tiny_model_dir, tmp_path / "packed"))
+    finetune(base_args(tiny_model_dir, tmp_path / "padded", 4, "--no_padding_free"))
+    assert losses(tmp_path / "packed") == pytest.approx(losses(tmp_path / "padded"), abs=1e-5)
+    padded = read_metrics(tmp_path / "padded")[-1]
+    assert padded["total_tokens_including_padding"] > padded["total_tokens"]
+    assert padded["total_tokens"] == read_metrics(tmp_path / "packed")[-1]["total_tokens"]
+
+
+def test_gradient_checkpointing_does_not_change_training(tiny_model_dir, tmp_path):
+    finetune(base_args(tiny_model_dir, tmp_path / "plain", 3))
+    finetune(base_args(tiny_model_dir, tmp_path / "ckpt", 3, "--gradient_checkpointing"))
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), abs=1e-6)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["use_cache"] is True
+
+
+def test_checkpointing_steps_writes_complete_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune(base_args(tiny_model_dir, out, 4, "--checkpointing_steps", "2", "--logging_steps", "2"))
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_2", "step_4"]
+    for name in checkpoints:
+        assert json.loads((out / "checkpoints" / name / "COMPLETED").read_text())["step"] == int(name.split("_")[1])
+        assert any((out / "checkpoints" / name).glob("*.safetensors")) or any((out / "checkpoints" / name).glob("*.bin"))
+    assert [m["step"] for m in read_metrics(out)] == [2, 4]
+
+
+def test_bad_data_fails_before_anything_expensive(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+                       "--dataset_mixer_list", "data/missing.jsonl", "1.0"], check=False)
+    assert result.returncode == 2
+    assert "data/missing.jsonl does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # nothing was written: the spec failed before the run started
+
+
+def test_malformed_jsonl_names_file_and_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    data.write_text(f"{good}\n{good}\n{{not json\n")
+    result = finetune(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
+                       "--dataset_mixer_list", str(data), "2"], check=False)
+    assert result.returncode == 2
+    assert f"{data}:3: invalid JSON" in result.stderr
+
+
+def test_missing_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
+    model = copy_without_template(tiny_model_dir, tmp_path / "no-template")
+    result = finetune(["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "run"),
+                       "--dataset_mixer_list", "synthetic:spelling", "8"], check=False)
+    assert result.returncode == 2
+    assert "no chat template" in result.stderr and "--chat_template_name" in result.stderr
+    # Naming a template makes the same model usable.
+    finetune(base_args(model, tmp_path / "ok", 1, "--chat_template_name", "tulu"))
+
+
+def test_unknown_flag_is_rejected(tiny_model_dir, tmp_path):
+    result = finetune(base_args(tiny_model_dir, tmp_path / "run", 1, "--learning_rat", "1e-4"), check=False)
+    assert result.returncode == 2 and "--learning_rat" in result.stderr
+
+
+def test_with_tracking_logs_to_wandb_offline(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(base_args(tiny_model_dir, out, 2, "--with_tracking", "--report_to", "wandb",
+                                "--wandb_project_name", "sft-test"))
+    assert "wandb runs offline" in result.stderr + result.stdout
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    assert b"train_loss" in records and b"per_device_tps_including_padding" in records
+    assert b"sft-test" in records  # the project name and the resolved config went with the run
+
+
+def test_push_to_hub_without_login_fails_before_training(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(base_args(tiny_model_dir, out, 2, "--push_to_hub"), check=False)
+    assert result.returncode == 2
+    assert "--push_to_hub needs a Hugging Face login" in result.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_push_to_hub_uploads_the_final_model(tiny_model_dir, tmp_path):
+    """Runs the trainer in a child process whose HfApi is a recorder, so the real upload path is exercised."""
+    out = tmp_path / "run"
+    calls = tmp_path / "calls.json"
+    script = f"""
+import json, sys
+import open_instruct.hub as hub
+class RecordingApi:
+    def whoami(self): return {{"name": "tester"}}
+    def create_repo(self, repo_id, **kw): record("create_repo", repo_id, kw)
+    def upload_folder(self, **kw): record("upload_folder", kw["repo_id"], {{"files": sorted(__import__("os").listdir(kw["folder_path"])), "ignore": kw["ignore_patterns"]}})
+log = []
+def record(*call):
+    log.append(call); open({str(calls)!r}, "w").write(json.dumps(log))
+hub.HfApi = RecordingApi
+from open_instruct.finetune import main
+main(sys.argv[1:])
+"""
+    run([sys.executable, "-c", script, *base_args(tiny_model_dir, out, 2, "--push_to_hub", "--checkpointing_steps", "2")])
+    recorded = json.loads(calls.read_text())
+    assert recorded[0][:2] == ["create_repo", "tester/finetune"] and recorded[0][2]["private"] is True
+    assert recorded[1][0] == "upload_folder" and recorded[1][1] == "tester/finetune"
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(recorded[1][2]["files"])
+    assert "checkpoints/**" in recorded[1][2]["ignore"]
+    assert json.loads((out / "summary.json").read_text())["hub_url"].endswith("tester/finetune")
+
+
+def test_debug_script_interface(tiny_model_dir, tmp_path):
+    """Extra flags override the recipe's; OUTPUT_DIR and TINY_MODEL_DIR are honoured; the held-out check runs."""
+    out = tmp_path / "debug"
+    env = clean_env(OUTPUT_DIR=str(out), TINY_MODEL_DIR=str(tiny_model_dir), PYTHON=sys.executable,
+                    PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
+    result = subprocess.run(["bash", "scripts/train/debug/finetune.sh", "--max_train_steps", "5", "--logging_steps", "1"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
+    assert "held-out exact match:" in result.stdout
+    assert (out / "model.safetensors").is_file()
