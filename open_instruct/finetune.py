@@ -175,6 +175,7 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
     for batch in batches:
         with accelerator.accumulate(model):
             inputs = {key: batch[key].to(accelerator.device) for key in MODEL_INPUTS if key in batch}
+            # use_cache=False is load-bearing: transformers derives packed-example boundaries only without a KV cache.
             logits = model(**inputs, use_cache=False).logits
             loss_sum = token_loss_sum(logits, batch["target_ids"].to(accelerator.device))
             accelerator.backward(

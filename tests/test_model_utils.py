@@ -1,0 +1,115 @@
+"""Model/tokenizer loading and hub code paths, exercised on local paths and with recording stand-ins for the Hub."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from open_instruct import hub, model_utils
+from open_instruct.data import MixerItem, load_rows
+
+
+def args(**overrides):
+    values = dict(model_name_or_path="org/model", model_revision=None, tokenizer_name_or_path=None,
+                  tokenizer_revision=None, chat_template_name=None, use_liger_kernel=False, gradient_checkpointing=False,
+                  hf_repo_id=None, exp_name="my_run")
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def test_tokenizer_from_the_model_with_its_revision(monkeypatch, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    calls = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(model_utils.AutoTokenizer, "from_pretrained",
+                        lambda name, revision=None: calls.append((name, revision)) or real(tiny_model_dir))
+    model_utils.load_tokenizer(args(model_revision="abc123"))
+    model_utils.load_tokenizer(args(tokenizer_name_or_path="org/tok", tokenizer_revision="v2", model_revision="abc123"))
+    assert calls == [("org/model", "abc123"), ("org/tok", "v2")]
+
+
+def test_named_chat_template_replaces_the_tokenizer_template(tiny_model_dir):
+    from open_instruct.chat_templates import CHATML
+
+    tokenizer = model_utils.load_tokenizer(args(model_name_or_path=str(tiny_model_dir), chat_template_name="chatml"))
+    assert tokenizer.chat_template == CHATML
+
+
+def test_model_loading_passes_revision_dtype_attention_and_checkpointing(tiny_model_dir):
+    model = model_utils.load_model(args(model_name_or_path=str(tiny_model_dir), gradient_checkpointing=True),
+                                   torch.float32, "eager")
+    assert model.config._attn_implementation == "eager"
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+
+
+def test_liger_on_cpu_keeps_pytorch_ops_and_says_so(caplog, tiny_model_dir):
+    model = model_utils.load_model(args(model_name_or_path=str(tiny_model_dir), use_liger_kernel=True), torch.float32,
+                                   "sdpa")
+    assert "Liger needs CUDA" in caplog.text
+    assert type(model.model.norm).__module__.startswith("transformers.")
+
+
+@pytest.mark.gpu
+def test_liger_patches_the_model_on_cuda(tiny_model_dir):
+    model = model_utils.load_model(args(model_name_or_path=str(tiny_model_dir), use_liger_kernel=True), torch.bfloat16,
+                                   "sdpa")
+    assert "liger" in type(model.model.norm).__module__.lower() or "liger" in str(type(model.model.norm)).lower()
+
+
+def test_attention_backend_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_utils.attention_implementation() == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_utils.importlib.util, "find_spec", lambda name: None)
+    assert model_utils.attention_implementation() == "sdpa"  # CUDA without flash-attn installed
+    monkeypatch.setattr(model_utils.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert model_utils.attention_implementation() == "flash_attention_2"
+
+
+def test_hub_dataset_is_loaded_with_its_pinned_revision_and_split(monkeypatch):
+    import datasets
+
+    calls = []
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, revision=None, split=None: calls.append((repo, revision, split)) or rows)
+    assert load_rows(MixerItem("org/data@v1.2", 1.0, True, "test", "hub")) == rows
+    assert load_rows(MixerItem("org/data", 1.0, True, "train", "hub")) == rows
+    assert calls == [("org/data", "v1.2", "test"), ("org/data", None, "train")]
+
+
+class RecordingApi:
+    def __init__(self, user="alice", fail=False):
+        self.user, self.fail, self.calls = user, fail, []
+
+    def whoami(self):
+        if self.fail:
+            raise OSError("401 Unauthorized")
+        return {"name": self.user}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+
+def test_repo_id_defaults_to_user_and_run_name():
+    assert hub.resolve_repo_id(args(), RecordingApi()) == "alice/my_run"
+    assert hub.resolve_repo_id(args(hf_repo_id="org/model-sft"), RecordingApi()) == "org/model-sft"
+
+
+def test_missing_login_is_a_clear_error_naming_the_fix():
+    with pytest.raises(hub.HubError, match="HF_TOKEN"):
+        hub.resolve_repo_id(args(), RecordingApi(fail=True))
+
+
+def test_push_creates_a_private_repo_and_uploads_without_checkpoints(tmp_path):
+    api = RecordingApi()
+    url = hub.push_folder(tmp_path, "alice/run", api)
+    assert api.calls[0] == ("create_repo", "alice/run", {"private": True, "exist_ok": True})
+    upload = api.calls[1][2]
+    assert upload["folder_path"] == str(tmp_path) and "checkpoints/**" in upload["ignore_patterns"]
+    assert url == "https://huggingface.co/alice/run"
