@@ -192,6 +192,23 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
             "tokens_with_padding": tokens_with_padding}
 
 
+def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, counters: RunCounters) -> dict:
+    """One metrics.jsonl line (definitions in docs/finetune.md)."""
+    record = {
+        "step": step + 1,
+        "epoch": (step + 1) / plan.steps_per_epoch,
+        "learning_rate": learning_rate,
+        "train_loss": result["train_loss"],
+        "total_tokens": counters.total_tokens,
+        "total_tokens_including_padding": counters.total_tokens_including_padding,
+        "trained_tokens": counters.trained_tokens,
+        **counters.throughput(),
+    }
+    if result["grad_norm"] is not None:
+        record["grad_norm"] = result["grad_norm"]
+    return record
+
+
 def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
     done = step + 1
     if args.checkpoint_every_epoch:
@@ -206,10 +223,11 @@ def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     mixer_items = parse_mixer(args.dataset_mixer_list, args.dataset_mixer_list_splits)  # fail fast: no download yet
+    # Every process checks the login, so a bad token stops them all before any collective could hang.
+    repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
     accelerator = build_accelerator(args)
     setup_logging(accelerator)
     output = prepare_output_dir(args, accelerator)
-    repo_id = hub.resolve_repo_id(args) if args.push_to_hub and accelerator.is_main_process else None
 
     tokenizer = load_tokenizer(args)
     mixture = build_mixture(mixer_items, tokenizer, args.max_seq_length, args.seed,
@@ -246,21 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
         counters.add(result["tokens"], result["tokens_with_padding"], result["trained_tokens"])
         first_loss = result["train_loss"] if first_loss is None else first_loss
         last_loss = result["train_loss"]
-        throughput = counters.throughput()
         progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{throughput['per_device_tps']:.0f}")
+        progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{counters.throughput()['per_device_tps']:.0f}")
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
-            metrics_log.log({
-                "step": step + 1,
-                "epoch": (step + 1) / plan.steps_per_epoch,
-                "learning_rate": learning_rate,
-                "train_loss": last_loss,
-                "total_tokens": counters.total_tokens,
-                "total_tokens_including_padding": counters.total_tokens_including_padding,
-                "trained_tokens": counters.trained_tokens,
-                **({"grad_norm": result["grad_norm"]} if result["grad_norm"] is not None else {}),
-                **throughput,
-            }, step=step + 1)
+            metrics_log.log(step_record(step, plan, learning_rate, result, counters), step=step + 1)
         if should_checkpoint(args, step, plan):
             save_training_state(accelerator, output, step + 1)
     progress.close()
