@@ -175,3 +175,20 @@ def test_debug_script_interface(tiny_model_dir, tmp_path):
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
     assert "held-out exact match:" in result.stdout
     assert (out / "model.safetensors").is_file()
+
+
+def test_debug_script_trains_a_given_model_and_dataset(tiny_model_dir, tmp_path):
+    """MODEL=... DATASET=... takes the real-model branch of the recipe with no code change (local paths here)."""
+    data = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": str(i)}]}
+            for i in range(8)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "real"
+    env = clean_env(OUTPUT_DIR=str(out), MODEL=str(tiny_model_dir), DATASET=f"{data} 8", PYTHON=sys.executable)
+    result = subprocess.run(["bash", "scripts/train/debug/finetune.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = read_metrics(out)
+    assert len(metrics) == 4  # 8 rows / (1 per device x 4 accumulation) x 2 epochs
+    assert metrics[0]["learning_rate"] <= 5e-6  # the real-model recipe, not the tiny one
+    assert (out / "model.safetensors").is_file()
