@@ -57,7 +57,38 @@ class FinetuneArgs:
     dataset_mixer_list_splits: list[str] = _field(
         ["train"], "Split to read: one for every source, or one per source in mixer order."
     )
-    max_seq_length: int = _field(2048, "Examples longer than this many tokens are truncated.")
+    dataset_mixer_file: str | None = _field(
+        None,
+        "Mixture as a YAML/JSON file instead of --dataset_mixer_list: a list of sources, each with name and amount "
+        "and optionally split, format (messages, alpaca, dolly, openorca, sharegpt, prompt_completion) and columns "
+        "(field -> the source's column name). See docs/data.md.",
+    )
+    max_seq_length: int = _field(2048, "Token budget of one example; longer ones follow --truncation.")
+    truncation: Literal["whole_turns", "drop", "cut"] = _field(
+        "whole_turns",
+        "Examples longer than max_seq_length: whole_turns drops trailing messages so the example ends with a complete "
+        "assistant turn (rows whose first answer does not fit are dropped); drop drops the row; cut cuts at the "
+        "limit (a final answer cut before its end marker is counted in the stats).",
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = _field(
+        "assistant",
+        "Which tokens have a loss: every assistant turn's content and end marker (assistant), only the last "
+        "assistant turn (last_assistant), or every token (all).",
+    )
+    add_bos: bool = _field(False, "Prepend the tokenizer's bos token to each example (when the template does not).")
+    skip_bad_rows: bool = _field(
+        False, "Skip malformed rows (counted and reported per source) instead of stopping at the first one."
+    )
+    max_unmaskable_fraction: float = _field(
+        0.01, "Stop if more than this fraction of a source's rows have assistant spans that cannot be derived."
+    )
+    dataset_local_cache_dir: str = _field("local_dataset_cache", "Where tokenized mixtures are cached.")
+    dataset_skip_cache: bool = _field(False, "Tokenize again instead of reading or writing the cache.")
+    dataset_num_proc: int | None = _field(None, "Processes for tokenization. Default: every core.")
+    audit_file: str | None = _field(
+        None, "Write examples as JSONL with their text split into trained / untrained segments (see docs/data.md)."
+    )
+    audit_num_examples: int = _field(100, "How many examples --audit_file gets, spread over the sources.")
     # --- batch and optimisation ---
     per_device_train_batch_size: int = _field(1, "Examples per micro-batch on each device.")
     gradient_accumulation_steps: int = _field(
@@ -144,8 +175,9 @@ def validate(args: FinetuneArgs) -> None:
     errors = []
     if not args.model_name_or_path:
         errors.append("--model_name_or_path is required (a hub id or a local model directory).")
-    if not args.dataset_mixer_list:
-        errors.append("--dataset_mixer_list is required, e.g. --dataset_mixer_list synthetic:spelling 1.0")
+    if not args.dataset_mixer_list and not args.dataset_mixer_file:
+        errors.append("--dataset_mixer_list (or --dataset_mixer_file) is required, e.g. "
+                      "--dataset_mixer_list synthetic:spelling 1.0")
     for name in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                  "num_train_epochs"):
         if getattr(args, name) < 1:
@@ -154,7 +186,13 @@ def validate(args: FinetuneArgs) -> None:
         errors.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
     if args.learning_rate <= 0:
         errors.append(f"--learning_rate must be positive, got {args.learning_rate}.")
-    for name in ("warmup_ratio", "final_lr_ratio", "warmdown_ratio"):
+    if args.dataset_num_proc is not None and args.dataset_num_proc < 1:
+        errors.append(f"--dataset_num_proc must be at least 1, got {args.dataset_num_proc}.")
+    if args.audit_num_examples < 1:
+        errors.append(f"--audit_num_examples must be at least 1, got {args.audit_num_examples}.")
+    if not args.audit_file and _changed(args, "audit_num_examples"):
+        errors.append("--audit_num_examples has no effect without --audit_file.")
+    for name in ("warmup_ratio", "final_lr_ratio", "warmdown_ratio", "max_unmaskable_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             errors.append(f"--{name} must be between 0 and 1, got {getattr(args, name)}.")
     if args.clip_grad_norm != -1 and args.clip_grad_norm <= 0:

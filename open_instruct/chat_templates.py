@@ -8,6 +8,22 @@ content and the end-of-turn marker, never the role header.
 
 from __future__ import annotations
 
+# Layouts (`eos` is the tokenizer's eos_token, `bos` its bos_token; "header" = what the generation prompt renders):
+#     tulu         <|role|>\ncontent\n; assistant: <|assistant|>\ncontent + eos, then \n only if a message follows
+#     simple_chat  Role: content\n\n; assistant: Assistant: content + eos, then \n\n only if a message follows
+#     chatml       <|im_start|>role\ncontent<|im_end|>\n for every message; header <|im_start|>assistant\n
+#     qwen         alias of chatml (the same string)
+#     olmo         chatml, but an assistant turn ends <|im_end|> + eos + \n; header <|im_start|>assistant\n
+#     llama3       bos once, then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|> per message;
+#                  header <|start_header_id|>assistant<|end_header_id|>\n\n
+#     zephyr       <|role|>\ncontent + eos + \n for every message; header <|assistant|>\n
+#
+# Where a newline follows an assistant turn's end marker even when the turn is the last message (chatml, qwen, olmo,
+# zephyr), that newline lies inside the assistant span and is trained: the model learns the full end-of-turn sequence.
+# With tulu and simple_chat the separator after eos is only rendered when another message follows, so it is never
+# trained. Every template renders the generation prompt after the loop, so an empty conversation with
+# add_generation_prompt renders just the header (after the bos for llama3).
+
 # Tulu (allenai/open-instruct): <|role|>\ncontent\n; an assistant turn ends with the eos token, and a newline
 # follows it only when another message comes (so the newline is never trained).
 TULU = (
@@ -41,7 +57,48 @@ CHATML = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-CHAT_TEMPLATES: dict[str, str] = {"tulu": TULU, "simple_chat": SIMPLE_CHAT, "chatml": CHATML}
+# Qwen's chat format is ChatML.
+QWEN = CHATML
+
+# OLMo-3 style ChatML: the same layout as chatml, except that an assistant turn ends with the eos token right after
+# <|im_end|> (before the newline), so a model trained with it learns to stop by emitting eos:
+#     <|im_start|>assistant\ncontent<|im_end|><eos>\n
+OLMO = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
+    "{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+# Llama-3 instruct: bos_token once at the very start (always rendered, the model expects it), then
+# <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|> per message. An assistant turn ends with <|eot_id|>.
+LLAMA3 = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+)
+
+# Zephyr: <|role|>\ncontent + eos + \n for every message (system, user and assistant alike).
+ZEPHYR = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
+CHAT_TEMPLATES: dict[str, str] = {
+    "tulu": TULU,
+    "simple_chat": SIMPLE_CHAT,
+    "chatml": CHATML,
+    "qwen": QWEN,
+    "olmo": OLMO,
+    "llama3": LLAMA3,
+    "zephyr": ZEPHYR,
+}
 
 
 def get_chat_template(name: str) -> str:

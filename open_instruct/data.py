@@ -1,75 +1,98 @@
-"""The training mixture: parse the mixer spec, load each source, sample the amounts, tokenize with masks.
+"""The training mixture: parse the mixer spec, load each source, sample the amounts, convert rows to messages and
+tokenize them with masks into an Arrow dataset.
 
 Sources: Hugging Face hub ids (``org/name`` or ``org/name@revision``), local ``.jsonl`` / ``.json`` / ``.parquet``
 files or folders of them, and the built-in ``synthetic:<task>``. Every check that needs no download (spec shape,
-amounts, files, task names) runs in `parse_mixer` before anything expensive happens.
+amounts, files, task names, formats) runs in `parse_mixer` / `parse_mixer_file` before anything expensive happens.
+Local JSON files are read line by line, so a bad row is reported as ``file:line``; rows are converted and tokenized
+in `datasets.map` worker processes that report a status per row instead of raising, and the main process then
+applies the policy (error, or skip and count with --skip_bad_rows).
 
-    python -m open_instruct.data --dataset_mixer_list synthetic:spelling 100 --tokenizer output/tiny-llama
+The cache and the command-line entry point live in open_instruct/prepare_data.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+import yaml
 
-from open_instruct import synthetic
-from open_instruct.tokenization import ROLES, encode_messages, num_trained_tokens
+from open_instruct import formats, synthetic
+from open_instruct.tokenization import (
+    Encoded,
+    TemplateMaskError,
+    backend,
+    labels_from_offsets,
+    num_trained_tokens,
+    trained_spans,
+    truncated,
+)
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SYNTHETIC_PREFIX = "synthetic:"
+KEPT_STATUSES = ("ok", "whole_turns", "cut", "cut_in_assistant_turn")
+JSON_COLUMN = "__json"  # rows read from local JSON files and synthetic tasks travel as raw JSON text
 
 
 class DataError(ValueError):
     """The mixture or a row is wrong; the message names the source (file, line or row) and the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class MixerItem:
-    """One source of the mixture: where it is, how much of it, which split."""
+    """One source of the mixture: where it is, how much of it, which split, which format and column names."""
 
     name: str
     amount: float
     is_fraction: bool
     split: str
     kind: str  # "synthetic", "local" or "hub"
+    format: str | None = None  # None: detected from the first row
+    columns: dict[str, str] | None = None  # canonical field -> the source's column name
 
     @property
     def label(self) -> str:
         return f"{self.name} ({self.split})"
+
+    def spec(self) -> dict:
+        return {"name": self.name, "amount": self.amount, "is_fraction": self.is_fraction, "split": self.split,
+                "format": self.format, "columns": self.columns}
+
+
+@dataclass
+class EncodeOptions:
+    """How rows become (input_ids, labels); part of the cache key."""
+
+    max_seq_length: int
+    train_on: str = "assistant"
+    truncation: str = "whole_turns"
+    add_bos: bool = False
 
 
 @dataclass
 class SourceStats:
     name: str
     split: str
+    format: str = ""
     source_rows: int = 0
     sampled_rows: int = 0
     kept_rows: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    truncated_rows: int = 0
+    truncated: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class TokenizedMixture:
-    """Tokenized training examples (input_ids, labels) and what the mixture turned out to be."""
-
-    input_ids: list[np.ndarray]
-    labels: list[np.ndarray]
-    stats: list[SourceStats]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def _parse_amount(raw: str, name: str) -> tuple[float, bool]:
+# ----------------------------------------------------------------------------------------------------------------
+# The spec
+# ----------------------------------------------------------------------------------------------------------------
+def _parse_amount(raw, name: str) -> tuple[float, bool]:
+    raw = str(raw)
     try:
         value = float(raw)
     except ValueError:
@@ -94,7 +117,7 @@ def _source_kind(name: str) -> str:
         return "synthetic"
     path = Path(name)
     if path.exists():
-        if path.is_dir() and not _local_files(path):
+        if path.is_dir() and not local_files(path):
             raise DataError(f"Folder {name} holds no .jsonl, .json or .parquet files.")
         if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
             raise DataError(f"File {name} has an unsupported type; use .jsonl, .json or .parquet.")
@@ -110,6 +133,27 @@ def _source_kind(name: str) -> str:
     return "hub"
 
 
+def _make_item(name: str, amount, split: str, fmt: str | None = None, columns: dict | None = None) -> MixerItem:
+    value, is_fraction = _parse_amount(amount, name)
+    if fmt is not None and fmt not in formats.FORMATS:
+        raise DataError(f"Source {name!r} has format {fmt!r}; formats: {', '.join(formats.FORMATS)}.")
+    if columns is not None:
+        if not (isinstance(columns, dict) and all(isinstance(v, str) for v in columns.values())):
+            raise DataError(f"Source {name!r}: columns must map field names to column names, e.g. {{messages: chat}}.")
+        _check_column_fields(name, columns, fmt)
+    return MixerItem(name, value, is_fraction, split, _source_kind(name), fmt, columns)
+
+
+def _check_column_fields(name: str, columns: dict, fmt: str | None) -> None:
+    """A `columns` key must be a field of the source's format (of some format while the format is not known yet)."""
+    fields = formats.REQUIRED_COLUMNS[fmt] + formats.OPTIONAL_COLUMNS[fmt] if fmt else formats.ALL_FIELDS
+    unknown = sorted(set(columns) - set(fields))
+    if unknown:
+        owner = f"format {fmt!r}" if fmt else "any format"
+        raise DataError(f"Source {name!r}: columns maps {', '.join(unknown)}, which {owner} does not use; "
+                        f"fields: {', '.join(fields)}.")
+
+
 def parse_mixer(mixer_list: list[str], splits: list[str]) -> list[MixerItem]:
     """Validate the 'name amount ...' spec and resolve each source's kind, without loading any data."""
     if len(mixer_list) % 2:
@@ -123,21 +167,59 @@ def parse_mixer(mixer_list: list[str], splits: list[str]) -> list[MixerItem]:
             f"({len(names)})."
         )
     split_for = splits * len(names) if len(splits) == 1 else splits
+    return [_make_item(name, raw, split) for name, raw, split in zip(names, amounts, split_for)]
+
+
+def parse_mixer_file(path: str | Path, default_split: str = "train") -> list[MixerItem]:
+    """A YAML or JSON mixture file: a list of sources (or {"sources": [...]}), each with name and amount, and
+    optionally split, format and columns (canonical field -> the source's column name)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"Mixture file {path} does not exist.")
+    try:
+        spec = yaml.safe_load(file.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise DataError(f"Mixture file {path} is not valid YAML/JSON: {exc}") from None
+    entries = spec.get("sources") if isinstance(spec, dict) else spec
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"Mixture file {path} must be a non-empty list of sources (or a mapping with 'sources').")
     items = []
-    for name, raw, split in zip(names, amounts, split_for):
-        amount, is_fraction = _parse_amount(raw, name)
-        items.append(MixerItem(name, amount, is_fraction, split, _source_kind(name)))
+    for index, entry in enumerate(entries):
+        where = f"{path} source {index + 1}"
+        if not isinstance(entry, dict) or "name" not in entry or "amount" not in entry:
+            raise DataError(f"{where}: each source needs 'name' and 'amount'.")
+        unknown = set(entry) - {"name", "amount", "split", "format", "columns"}
+        if unknown:
+            raise DataError(f"{where}: unknown keys {', '.join(sorted(unknown))}; allowed: name, amount, split, "
+                            "format, columns.")
+        try:
+            items.append(_make_item(str(entry["name"]), entry["amount"], str(entry.get("split", default_split)),
+                                    entry.get("format"), entry.get("columns")))
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
     return items
 
 
-def _local_files(path: Path) -> list[Path]:
+def resolve_mixture(args) -> list[MixerItem]:
+    """The mixture from --dataset_mixer_file or --dataset_mixer_list (exactly one of them)."""
+    if args.dataset_mixer_file and args.dataset_mixer_list:
+        raise DataError("Give the mixture either as --dataset_mixer_list or as --dataset_mixer_file, not both.")
+    if args.dataset_mixer_file:
+        return parse_mixer_file(args.dataset_mixer_file, args.dataset_mixer_list_splits[0])
+    return parse_mixer(args.dataset_mixer_list, args.dataset_mixer_list_splits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def local_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
 
 
-def check_jsonl(path: Path) -> None:
-    """Fail on the first line that is not a JSON object, naming file and line, before datasets reads it."""
+def _read_jsonl(path: Path) -> tuple[list[str], list[str]]:
+    rows, where = [], []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -148,29 +230,70 @@ def check_jsonl(path: Path) -> None:
                 raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}). Fix or remove the line.") from None
             if not isinstance(value, dict):
                 raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(value).__name__}.")
+            rows.append(line)
+            where.append(f"{path}:{number}")
+    return rows, where
 
 
-def load_rows(item: MixerItem) -> list[dict]:
-    """Load a source's rows (downloading hub datasets through the datasets library)."""
-    if item.kind == "synthetic":
-        return synthetic.load_task(item.name[len(SYNTHETIC_PREFIX):], item.split)
+def _read_json(path: Path) -> tuple[list[str], list[str]]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
+    if isinstance(value, dict):
+        key, inner = next(iter(value.items())) if len(value) == 1 else (None, None)
+        # {"data": [rows]} wraps rows; any other object (e.g. {"messages": [...]}) is itself one row.
+        value = inner if key not in formats.ALL_FIELDS and isinstance(inner, list) else [value]
+    if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
+        raise DataError(f"{path}: a .json source must hold a list of objects (or be JSON Lines named .jsonl).")
+    return [json.dumps(row) for row in value], [f"{path} item {i}" for i in range(len(value))]
+
+
+class Source:
+    """A loaded source: an Arrow dataset of rows and, per row, where it came from (for error messages)."""
+
+    def __init__(self, item: MixerItem, dataset, locations: list[str] | None):
+        self.item, self.dataset, self._locations = item, dataset, locations
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def location(self, row: int) -> str:
+        return self._locations[row] if self._locations else f"{self.item.label} row {row}"
+
+    def first_row(self) -> dict:
+        return decode_row(self.dataset[0])
+
+
+def load_source(item: MixerItem) -> Source:
+    """Load a source's rows (hub datasets through the datasets library, which caches downloads)."""
     import datasets
 
-    if item.kind == "local":
-        files = _local_files(Path(item.name))
-        for file in files:
-            if file.suffix == ".jsonl":
-                check_jsonl(file)
-        builders = {LOCAL_SUFFIXES[f.suffix] for f in files}
-        if len(builders) > 1:
-            raise DataError(f"Folder {item.name} mixes parquet and JSON files; keep one kind per source.")
-        if item.split != "train":
-            raise DataError(f"Local source {item.name} has only the split 'train', not {item.split!r}.")
-        dataset = datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
-    else:
+    if item.kind == "synthetic":
+        rows = synthetic.load_task(item.name[len(SYNTHETIC_PREFIX):], item.split)
+        return Source(item, datasets.Dataset.from_dict({JSON_COLUMN: [json.dumps(r) for r in rows]}), None)
+    if item.kind == "hub":
         repo, _, revision = item.name.partition("@")
-        dataset = datasets.load_dataset(repo, revision=revision or None, split=item.split)
-    return list(dataset)
+        return Source(item, datasets.load_dataset(repo, revision=revision or None, split=item.split), None)
+    if item.split != "train":
+        raise DataError(f"Local source {item.name} has only the split 'train', not {item.split!r}.")
+    files = local_files(Path(item.name))
+    if any(f.suffix == ".parquet" for f in files):
+        if not all(f.suffix == ".parquet" for f in files):
+            raise DataError(f"Folder {item.name} mixes parquet and JSON files; keep one kind per source.")
+        return Source(item, datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train"), None)
+    rows, where = [], []
+    for file in files:
+        file_rows, file_where = _read_jsonl(file) if file.suffix == ".jsonl" else _read_json(file)
+        rows += file_rows
+        where += file_where
+    return Source(item, datasets.Dataset.from_dict({JSON_COLUMN: rows}), where)
+
+
+def decode_row(row: dict) -> dict:
+    if JSON_COLUMN in row:
+        return json.loads(row[JSON_COLUMN])
+    return dict(row)
 
 
 def sample_indices(num_rows: int, item: MixerItem, rng: np.random.Generator) -> np.ndarray:
@@ -179,7 +302,11 @@ def sample_indices(num_rows: int, item: MixerItem, rng: np.random.Generator) -> 
         repeats = int(item.amount)
         remainder = int(round((item.amount - repeats) * num_rows))
         parts = [np.arange(num_rows)] * repeats + [rng.choice(num_rows, size=remainder, replace=False)]
-        return np.concatenate(parts).astype(np.int64)
+        indices = np.concatenate(parts).astype(np.int64)
+        if len(indices) == 0:
+            raise DataError(f"Mixer amount {item.amount} of {item.label} ({num_rows} rows) selects no row; "
+                            f"use at least {1 / num_rows:.2g} or an integer count.")
+        return indices
     count = int(item.amount)
     if count > num_rows:
         raise DataError(
@@ -189,87 +316,159 @@ def sample_indices(num_rows: int, item: MixerItem, rng: np.random.Generator) -> 
     return rng.choice(num_rows, size=count, replace=False).astype(np.int64)
 
 
-def validate_messages(row: dict, where: str) -> list[dict]:
-    """Return the row's messages or raise a DataError naming the row and what is wrong."""
-    if "messages" not in row:
-        raise DataError(f"{where}: no 'messages' column (columns: {', '.join(sorted(row))}).")
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
-    for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise DataError(f"{where}: message {turn} has role {message.get('role') if isinstance(message, dict) else message!r}; "
-                            f"roles are {', '.join(ROLES)}.")
-        if not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: message {turn} content must be a string.")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message, so nothing would be trained.")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+# ----------------------------------------------------------------------------------------------------------------
+# Converting and tokenizing
+# ----------------------------------------------------------------------------------------------------------------
+def _row_at(batch: dict, index: int) -> dict:
+    return {key: values[index] for key, values in batch.items()}
 
 
-def tokenize_source(rows, indices, item, tokenizer, max_seq_length, stats: SourceStats, show_progress: bool):
-    input_ids, labels = [], []
-    for index in tqdm(indices, desc=f"Tokenizing {item.name}", disable=not show_progress, leave=False):
-        messages = validate_messages(rows[index], f"{item.label} row {index}")
-        example = encode_messages(tokenizer, messages)
-        if len(example["input_ids"]) > max_seq_length:
-            stats.truncated_rows += 1
-            example = {key: value[:max_seq_length] for key, value in example.items()}
-        trained = num_trained_tokens(example["labels"][1:])  # the first token is never predicted
-        if trained == 0:
-            stats.dropped["no_trained_tokens_after_truncation"] = stats.dropped.get("no_trained_tokens_after_truncation", 0) + 1
+def encode_batch(batch: dict, tokenizer, fmt: str, columns: dict | None, options: dict) -> dict:
+    """Source rows -> tokenized examples, each with a status; never raises for a bad row (runs in worker processes).
+
+    Rendering and span finding run per row; the whole batch is tokenized in one Rust call.
+    """
+    out = {"input_ids": [], "labels": [], "num_tokens": [], "num_trained_tokens": [], "status": [], "error": []}
+
+    def emit(input_ids, labels, status, error=""):
+        trained = num_trained_tokens(labels[1:])  # the first token is never predicted
+        if status in KEPT_STATUSES and trained == 0:
+            input_ids, labels, status = [], [], "no_trained_tokens"
+        for key, value in zip(out, (input_ids, labels, len(input_ids), trained if input_ids else 0, status, error)):
+            out[key].append(value)
+
+    rendered = []  # (row position, messages, text, spans) of rows that rendered
+    for position in range(len(next(iter(batch.values())))):
+        try:
+            messages = formats.to_messages(decode_row(_row_at(batch, position)), fmt, columns)
+            rendered.append((position, messages, *trained_spans(tokenizer, messages, options["train_on"],
+                                                                 options["add_bos"])))
+        except formats.RowError as exc:
+            rendered.append((position, None, "bad_row", str(exc)))
+        except TemplateMaskError as exc:
+            rendered.append((position, None, "mask_error", str(exc)))
+    texts = [entry[2] for entry in rendered if entry[1] is not None]
+    encodings = iter(backend(tokenizer).encode_batch(texts, add_special_tokens=False))
+    for _position, messages, text_or_status, spans_or_error in rendered:
+        if messages is None:
+            emit([], [], text_or_status, spans_or_error)
             continue
-        stats.kept_rows += 1
-        stats.tokens += len(example["input_ids"])
-        stats.trained_tokens += trained
-        input_ids.append(np.asarray(example["input_ids"], dtype=np.int32))
-        labels.append(np.asarray(example["labels"], dtype=np.int32))
-    return input_ids, labels
+        encoding = next(encodings)
+        full = Encoded(list(encoding.ids), labels_from_offsets(encoding.ids, encoding.offsets, spans_or_error))
+        result = truncated(tokenizer, messages, full, options["max_seq_length"], options["train_on"],
+                           options["truncation"], options["add_bos"])
+        emit(result.input_ids, result.labels, result.status)
+    return out
 
 
-def build_mixture(items: list[MixerItem], tokenizer, max_seq_length: int, seed: int,
-                  show_progress: bool = True) -> TokenizedMixture:
-    """Load, sample (seeded by --seed) and tokenize every source; raise if nothing trainable is left."""
+def detect_source_format(source: Source) -> str:
+    """The source's format (given, or detected from its first row) after checking its column mapping on that row."""
+    item = source.item
+    try:
+        first = formats.rename_columns(source.first_row(), item.columns) if item.columns else source.first_row()
+        fmt = item.format or formats.detect_format(first.keys())
+    except ValueError as exc:  # RowError included: a mapped column is missing
+        raise DataError(f"{source.location(0)}: {exc}") from None
+    if item.columns:
+        _check_column_fields(item.name, item.columns, fmt)
+    return fmt
+
+
+def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: EncodeOptions, skip_bad_rows: bool,
+                    max_unmaskable_fraction: float, num_proc: int):
+    """Tokenize the sampled rows of one source; returns (Arrow dataset of kept examples, SourceStats)."""
+    fmt = detect_source_format(source)
+    sampled = source.dataset.select(indices)
+    encoded = sampled.map(
+        encode_batch,
+        batched=True,
+        batch_size=500,
+        fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "columns": source.item.columns, "options": vars(options)},
+        remove_columns=sampled.column_names,
+        num_proc=num_proc if len(sampled) >= 1000 * num_proc else None,  # worker start-up dominates tiny sources
+        desc=f"Tokenizing {source.item.name}",
+        load_from_cache_file=False,
+    )
+    statuses = _column(encoded, "status")
+    stats = SourceStats(source.item.name, source.item.split, fmt, len(source), len(indices))
+    _apply_row_policy(source, indices, encoded, statuses, skip_bad_rows, max_unmaskable_fraction)
+    for status, count in zip(*np.unique(statuses, return_counts=True)):
+        if status in ("whole_turns", "cut", "cut_in_assistant_turn"):
+            stats.truncated[str(status)] = int(count)
+        elif status not in KEPT_STATUSES:
+            stats.dropped[str(status)] = int(count)
+    kept = np.flatnonzero(np.isin(statuses, KEPT_STATUSES))
+    stats.kept_rows = len(kept)
+    stats.tokens = int(_column(encoded, "num_tokens").sum())
+    stats.trained_tokens = int(_column(encoded, "num_trained_tokens").sum())
+    return encoded.select(kept).select_columns(["input_ids", "labels", "num_tokens"]), stats
+
+
+def _column(dataset, name: str) -> np.ndarray:
+    """A whole column straight from Arrow (indexing the dataset would build one Python row at a time)."""
+    return dataset.data.column(name).to_numpy(zero_copy_only=False)
+
+
+def _apply_row_policy(source, indices, encoded, statuses, skip_bad_rows: bool, max_unmaskable_fraction: float):
+    bad = np.flatnonzero(statuses == "bad_row")
+    if len(bad) and not skip_bad_rows:
+        first = int(bad[0])
+        raise DataError(f"{source.location(int(indices[first]))}: {encoded[first]['error']} "
+                        f"({len(bad)} bad rows in {source.item.label}; --skip_bad_rows skips and counts them).")
+    unmaskable = np.flatnonzero(statuses == "mask_error")
+    if len(unmaskable) > max_unmaskable_fraction * len(statuses):
+        first = int(unmaskable[0])
+        raise DataError(
+            f"{source.item.label}: {len(unmaskable)} of {len(statuses)} rows have no derivable assistant span "
+            f"(more than --max_unmaskable_fraction {max_unmaskable_fraction}); first at "
+            f"{source.location(int(indices[first]))}: {encoded[first]['error']}"
+        )
+
+
+def build_mixture(items: list[MixerItem], tokenizer, options: EncodeOptions, seed: int, skip_bad_rows: bool = False,
+                  max_unmaskable_fraction: float = 0.01, num_proc: int | None = None):
+    """Load, sample (seeded) and tokenize every source; returns (Arrow dataset, [SourceStats])."""
+    import datasets
+
     rng = np.random.default_rng(seed)
-    mixture = TokenizedMixture([], [], [])
+    num_proc = num_proc or os.cpu_count() or 1
+    parts, all_stats = [], []
     for item in items:
-        rows = load_rows(item)
-        if not rows:
+        source = load_source(item)
+        if len(source) == 0:
             raise DataError(f"{item.label} is empty.")
-        indices = sample_indices(len(rows), item, rng)
-        stats = SourceStats(item.name, item.split, source_rows=len(rows), sampled_rows=len(indices))
-        ids, labels = tokenize_source(rows, indices, item, tokenizer, max_seq_length, stats, show_progress)
-        mixture.input_ids += ids
-        mixture.labels += labels
-        mixture.stats.append(stats)
-    if not mixture.input_ids:
-        raise DataError("The mixture is empty after tokenization: no example has a trained (assistant) token.")
-    return mixture
+        indices = sample_indices(len(source), item, rng)
+        part, stats = tokenize_source(source, indices, tokenizer, options, skip_bad_rows, max_unmaskable_fraction,
+                                      num_proc)
+        parts.append(part)
+        all_stats.append(stats)
+    dataset = datasets.concatenate_datasets(parts)
+    if len(dataset) == 0:
+        raise DataError("The mixture is empty after filtering: no example kept a trained (assistant) token. "
+                        f"Per source:\n{format_stats(all_stats)}")
+    return dataset, all_stats
+
+
+class TokenizedMixture:
+    """The training examples (an Arrow dataset, memory-mapped when cached) and what the mixture turned out to be."""
+
+    def __init__(self, dataset, stats: list[SourceStats]):
+        self.dataset = dataset.with_format("numpy")
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def examples(self, indices) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        batch = self.dataset[[int(i) for i in indices]]
+        return list(batch["input_ids"]), list(batch["labels"])
 
 
 def format_stats(stats: list[SourceStats]) -> str:
-    lines = [f"{'source':<40} {'rows':>8} {'sampled':>8} {'kept':>8} {'tokens':>10} {'trained':>10} {'truncated':>9}  dropped"]
+    lines = [f"{'source':<40} {'format':<17} {'rows':>8} {'sampled':>8} {'kept':>8} {'tokens':>10} {'trained':>10}"
+             "  truncated / dropped"]
     for s in stats:
-        dropped = ", ".join(f"{k}={v}" for k, v in s.dropped.items()) or "-"
-        lines.append(f"{s.name + ' (' + s.split + ')':<40} {s.source_rows:>8} {s.sampled_rows:>8} {s.kept_rows:>8} "
-                     f"{s.tokens:>10} {s.trained_tokens:>10} {s.truncated_rows:>9}  {dropped}")
+        notes = ", ".join(f"{k}={v}" for k, v in {**s.truncated, **s.dropped}.items()) or "-"
+        lines.append(f"{s.name + ' (' + s.split + ')':<40} {s.format:<17} {s.source_rows:>8} {s.sampled_rows:>8} "
+                     f"{s.kept_rows:>8} {s.tokens:>10} {s.trained_tokens:>10}  {notes}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
-    parser = argparse.ArgumentParser(description="Build a mixture and print what it turned out to be.", allow_abbrev=False)
-    parser.add_argument("--dataset_mixer_list", nargs="+", required=True)
-    parser.add_argument("--dataset_mixer_list_splits", nargs="+", default=["train"])
-    parser.add_argument("--tokenizer", required=True, help="Tokenizer directory or hub id (with a chat template).")
-    parser.add_argument("--max_seq_length", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
-    items = parse_mixer(args.dataset_mixer_list, args.dataset_mixer_list_splits)
-    mixture = build_mixture(items, AutoTokenizer.from_pretrained(args.tokenizer), args.max_seq_length, args.seed)
-    print(format_stats(mixture.stats))
-
-
-if __name__ == "__main__":
-    main()

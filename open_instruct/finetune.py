@@ -32,7 +32,7 @@ from open_instruct import hub
 from open_instruct.args import FinetuneArgs, args_to_dict, parse_args
 from open_instruct.batching import BatchPlan, collate, micro_batches_for_rank
 from open_instruct.checkpointing import save_final_model, save_training_state
-from open_instruct.data import DataError, TokenizedMixture, build_mixture, format_stats, parse_mixer
+from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
 from open_instruct.loss import scale_for_backward, token_loss_sum
 from open_instruct.metrics import MetricsLogger, RunCounters
 from open_instruct.model_utils import (
@@ -43,6 +43,7 @@ from open_instruct.model_utils import (
     pad_token_id,
 )
 from open_instruct.optim import build_optimizer, build_scheduler
+from open_instruct.prepare_data import prepare
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -156,10 +157,7 @@ def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: F
     global_batch = plan.global_batch(step)
     shares = micro_batches_for_rank(global_batch, accelerator.process_index, accelerator.num_processes,
                                     args.gradient_accumulation_steps)
-    return [
-        collate([mixture.input_ids[i] for i in share], [mixture.labels[i] for i in share], args.padding_free, pad_id)
-        for share in shares
-    ]
+    return [collate(*mixture.examples(share), args.padding_free, pad_id) for share in shares]
 
 
 def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], args: FinetuneArgs) -> dict:
@@ -222,7 +220,7 @@ def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    mixer_items = parse_mixer(args.dataset_mixer_list, args.dataset_mixer_list_splits)  # fail fast: no download yet
+    resolve_mixture(args)  # fail fast on the mixture spec: nothing downloaded or loaded yet
     # Every process checks the login, so a bad token stops them all before any collective could hang.
     repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
     accelerator = build_accelerator(args)
@@ -230,10 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     output = prepare_output_dir(args, accelerator)
 
     tokenizer = load_tokenizer(args)
-    mixture = build_mixture(mixer_items, tokenizer, args.max_seq_length, args.seed,
-                            show_progress=accelerator.is_main_process)
+    with accelerator.main_process_first():  # one process tokenizes into the cache; the others then load it
+        mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None)
     plan, total_steps = make_plan(args, accelerator, mixture)
-    logger.info("Mixture:\n%s", format_stats(mixture.stats))
     logger.info("%d examples, global batch %d, %d steps per epoch (%d examples left out of each epoch), %d steps.",
                 len(mixture), plan.global_batch_size, plan.steps_per_epoch, plan.dropped_per_epoch(), total_steps)
     if accelerator.is_main_process:

@@ -46,15 +46,27 @@ def run(cmd: list[str], env: dict | None = None, check: bool = True, timeout: in
     return result
 
 
+CACHE_DIR = Path(os.environ.get("PYTEST_DATASET_CACHE", "/tmp")) / f"sft-test-dataset-cache-{os.getpid()}"
+
+
+def with_cache_dir(args: list[str]) -> list[str]:
+    """Runs share one session cache (content-keyed, so sharing is safe) instead of writing into the repo."""
+    return args if "--dataset_local_cache_dir" in args else [*args, "--dataset_local_cache_dir", str(CACHE_DIR)]
+
+
 def finetune(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "open_instruct.finetune", *args], env=env, check=check)
+    return run([sys.executable, "-m", "open_instruct.finetune", *with_cache_dir(args)], env=env, check=check)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 def accelerate_launch(num_processes: int, args: list[str], ds_config: str | None = None) -> subprocess.CompletedProcess:
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(num_processes)]
     if ds_config:
         launcher += ["--use_deepspeed", "--deepspeed_config_file", str(REPO / ds_config)]
-    return run([*launcher, "-m", "open_instruct.finetune", *args])
+    return run([*launcher, "-m", "open_instruct.finetune", *with_cache_dir(args)])
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

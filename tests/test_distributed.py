@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, clean_env, finetune, read_metrics, run
+from conftest import REPO, clean_env, finetune, read_metrics, run, with_cache_dir
 
 pytestmark = pytest.mark.multiprocess
 
@@ -38,8 +38,8 @@ def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp
     # The 2-process run goes through the debug recipe's launcher interface (NUM_PROCESSES, DS_CONFIG, OUTPUT_DIR).
     env = clean_env(NUM_PROCESSES="2", DS_CONFIG=ds_config, OUTPUT_DIR=str(two), TINY_MODEL_DIR=str(tiny_model_dir),
                     PYTHON=sys.executable, PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
-    result = run(["bash", "scripts/train/debug/finetune.sh", *common(tiny_model_dir), "--gradient_accumulation_steps", "2"],
-                 env=env)
+    result = run(["bash", "scripts/train/debug/finetune.sh",
+                  *with_cache_dir([*common(tiny_model_dir), "--gradient_accumulation_steps", "2"])], env=env)
     assert "global batch 8," in result.stdout + result.stderr  # 2 per device x 2 accumulation x 2 processes
 
     single, double = read_metrics(one), read_metrics(two)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from open_instruct import hub, model_utils
-from open_instruct.data import MixerItem, load_rows
+from open_instruct.data import MixerItem, load_source
 
 
 def args(**overrides):
@@ -75,8 +75,8 @@ def test_hub_dataset_is_loaded_with_its_pinned_revision_and_split(monkeypatch):
     calls = []
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, revision=None, split=None: calls.append((repo, revision, split)) or rows)
-    assert load_rows(MixerItem("org/data@v1.2", 1.0, True, "test", "hub")) == rows
-    assert load_rows(MixerItem("org/data", 1.0, True, "train", "hub")) == rows
+    assert load_source(MixerItem("org/data@v1.2", 1.0, True, "test", "hub")).dataset == rows
+    assert load_source(MixerItem("org/data", 1.0, True, "train", "hub")).dataset == rows
     assert calls == [("org/data", "v1.2", "test"), ("org/data", None, "train")]
 
 

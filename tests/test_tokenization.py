@@ -45,7 +45,7 @@ def _decode(tokenizer, ids) -> str:
 
 
 def _trained_text(tokenizer, example) -> str:
-    return _decode(tokenizer, [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    return _decode(tokenizer, [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
 
 
 def test_tokenizer_basics(tokenizer):
@@ -61,7 +61,7 @@ def test_tokenizer_basics(tokenizer):
 
 def test_tulu_full_text(tokenizer):
     example = encode_messages(tokenizer, CONVERSATION)
-    assert _decode(tokenizer, example["input_ids"]) == TULU_TEXT
+    assert _decode(tokenizer, example.input_ids) == TULU_TEXT
 
 
 def test_tulu_trained_tokens_are_assistant_content_and_eos(tokenizer):
@@ -69,30 +69,30 @@ def test_tulu_trained_tokens_are_assistant_content_and_eos(tokenizer):
     assert _trained_text(tokenizer, example) == "hello<|endoftext|>ciao<|endoftext|>"
     eos = tokenizer.eos_token_id
     # Two eos tokens, both trained; the newline after the first one is not.
-    eos_positions = [i for i, t in enumerate(example["input_ids"]) if t == eos]
+    eos_positions = [i for i, t in enumerate(example.input_ids) if t == eos]
     assert len(eos_positions) == 2
-    assert all(example["labels"][i] == eos for i in eos_positions)
+    assert all(example.labels[i] == eos for i in eos_positions)
     newline_after_eos = eos_positions[0] + 1
-    assert _decode(tokenizer, [example["input_ids"][newline_after_eos]]) == "\n"
-    assert example["labels"][newline_after_eos] == IGNORE_INDEX
+    assert _decode(tokenizer, [example.input_ids[newline_after_eos]]) == "\n"
+    assert example.labels[newline_after_eos] == IGNORE_INDEX
     # The assistant role token is never trained.
     assistant_id = tokenizer.convert_tokens_to_ids("<|assistant|>")
-    assert all(label != assistant_id for label in example["labels"])
+    assert all(label != assistant_id for label in example.labels)
 
 
 def test_trained_tokens_are_contiguous_runs(tokenizer):
     example = encode_messages(tokenizer, CONVERSATION)
-    mask = [label != IGNORE_INDEX for label in example["labels"]]
+    mask = [label != IGNORE_INDEX for label in example.labels]
     runs = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
     assert runs == 2
-    assert num_trained_tokens(example["labels"]) == len("hello") + 1 + len("ciao") + 1
+    assert num_trained_tokens(example.labels) == len("hello") + 1 + len("ciao") + 1
 
 
 def test_labels_copy_input_ids_where_trained(tokenizer):
     example = encode_messages(tokenizer, CONVERSATION)
-    assert len(example["labels"]) == len(example["input_ids"])
-    assert any(label == IGNORE_INDEX for label in example["labels"])
-    for token, label in zip(example["input_ids"], example["labels"]):
+    assert len(example.labels) == len(example.input_ids)
+    assert any(label == IGNORE_INDEX for label in example.labels)
+    for token, label in zip(example.input_ids, example.labels):
         assert label in (IGNORE_INDEX, token)
 
 
@@ -107,17 +107,17 @@ def test_multibyte_utf8_is_trained_completely(tokenizer):
     example = encode_messages(tokenizer, messages)
     assert _trained_text(tokenizer, example) == "日本é<|endoftext|>"
     # 日 and 本 are 3 bytes each, é is 2, plus eos.
-    assert num_trained_tokens(example["labels"]) == 3 + 3 + 2 + 1
-    assert _decode(tokenizer, example["input_ids"]) == "<|user|>\né?\n<|assistant|>\n日本é<|endoftext|>"
+    assert num_trained_tokens(example.labels) == 3 + 3 + 2 + 1
+    assert _decode(tokenizer, example.input_ids) == "<|user|>\né?\n<|assistant|>\n日本é<|endoftext|>"
 
 
 def test_truncation_cuts_ids_and_labels_together(tokenizer):
     full = encode_messages(tokenizer, CONVERSATION)
-    for limit in (1, 5, 20, 30, len(full["input_ids"]) - 1):
-        cut = encode_messages(tokenizer, CONVERSATION, max_seq_length=limit)
-        assert len(cut["input_ids"]) == len(cut["labels"]) == limit
-        assert cut["input_ids"] == full["input_ids"][:limit]
-        assert cut["labels"] == full["labels"][:limit]
+    for limit in (1, 5, 20, 30, len(full.input_ids) - 1):
+        cut = encode_messages(tokenizer, CONVERSATION, max_seq_length=limit, truncate="cut")
+        assert len(cut.input_ids) == len(cut.labels) == limit
+        assert cut.input_ids == full.input_ids[:limit]
+        assert cut.labels == full.labels[:limit]
 
 
 def test_truncation_longer_than_example_is_a_no_op(tokenizer):
@@ -128,7 +128,7 @@ def test_truncation_longer_than_example_is_a_no_op(tokenizer):
 def test_truncation_inside_assistant_keeps_partial_answer(tokenizer):
     prefix = "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
     prefix_tokens = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-    example = encode_messages(tokenizer, CONVERSATION, max_seq_length=prefix_tokens + 3)
+    example = encode_messages(tokenizer, CONVERSATION, max_seq_length=prefix_tokens + 3, truncate="cut")
     assert _trained_text(tokenizer, example) == "hel"
 
 
@@ -147,7 +147,7 @@ def test_non_prefix_template_raises(tokenizer):
 def test_chatml_trained_text(tokenizer):
     chatml = _with_template(tokenizer, CHATML)
     example = encode_messages(chatml, CONVERSATION)
-    assert _decode(chatml, example["input_ids"]) == (
+    assert _decode(chatml, example.input_ids) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
         "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n"
         "<|im_start|>assistant\nciao<|im_end|>\n"
@@ -158,7 +158,7 @@ def test_chatml_trained_text(tokenizer):
 def test_simple_chat_trained_text(tokenizer):
     simple = _with_template(tokenizer, SIMPLE_CHAT)
     example = encode_messages(simple, CONVERSATION)
-    assert _decode(simple, example["input_ids"]) == (
+    assert _decode(simple, example.input_ids) == (
         "System: Be brief.\n\nUser: hi\n\nAssistant: hello<|endoftext|>\n\nUser: bye\n\nAssistant: ciao<|endoftext|>"
     )
     assert _trained_text(simple, example) == "hello<|endoftext|>ciao<|endoftext|>"

@@ -9,7 +9,7 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, clean_env, copy_without_template, finetune, read_metrics, run
+from conftest import REPO, clean_env, copy_without_template, finetune, read_metrics, run, with_cache_dir
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ hub.HfApi = RecordingApi
 from open_instruct.finetune import main
 main(sys.argv[1:])
 """
-    run([sys.executable, "-c", script, *base_args(tiny_model_dir, out, 2, "--push_to_hub", "--checkpointing_steps", "2")])
+    run([sys.executable, "-c", script, *with_cache_dir(base_args(tiny_model_dir, out, 2, "--push_to_hub", "--checkpointing_steps", "2"))])
     recorded = json.loads(calls.read_text())
     assert recorded[0][:2] == ["create_repo", "tester/finetune"] and recorded[0][2]["private"] is True
     assert recorded[1][0] == "upload_folder" and recorded[1][1] == "tester/finetune"
@@ -169,7 +169,8 @@ def test_debug_script_interface(tiny_model_dir, tmp_path):
     out = tmp_path / "debug"
     env = clean_env(OUTPUT_DIR=str(out), TINY_MODEL_DIR=str(tiny_model_dir), PYTHON=sys.executable,
                     PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
-    result = subprocess.run(["bash", "scripts/train/debug/finetune.sh", "--max_train_steps", "5", "--logging_steps", "1"],
+    result = subprocess.run(["bash", "scripts/train/debug/finetune.sh",
+                             *with_cache_dir(["--max_train_steps", "5", "--logging_steps", "1"])],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
@@ -185,7 +186,7 @@ def test_debug_script_trains_a_given_model_and_dataset(tiny_model_dir, tmp_path)
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "real"
     env = clean_env(OUTPUT_DIR=str(out), MODEL=str(tiny_model_dir), DATASET=f"{data} 8", PYTHON=sys.executable)
-    result = subprocess.run(["bash", "scripts/train/debug/finetune.sh"], cwd=REPO, env=env, capture_output=True,
+    result = subprocess.run(["bash", "scripts/train/debug/finetune.sh", *with_cache_dir([])], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = read_metrics(out)
