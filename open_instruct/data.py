@@ -39,6 +39,13 @@ KEPT_STATUSES = ("ok", "whole_turns", "cut", "cut_in_assistant_turn")
 JSON_COLUMN = "__json"  # rows read from local JSON files and synthetic tasks travel as raw JSON text
 
 
+def _encoded_features():
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "num_tokens": Value("int32"),
+                     "num_trained_tokens": Value("int32"), "status": Value("string"), "error": Value("string")})
+
+
 class DataError(ValueError):
     """The mixture or a row is wrong; the message names the source (file, line or row) and the fix."""
 
@@ -382,7 +389,8 @@ def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: Enc
     encoded = sampled.map(
         encode_batch,
         batched=True,
-        batch_size=500,
+        batch_size=1000,
+        features=_encoded_features(),
         fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "columns": source.item.columns, "options": vars(options)},
         remove_columns=sampled.column_names,
         num_proc=num_proc if len(sampled) >= 1000 * num_proc else None,  # worker start-up dominates tiny sources

@@ -90,7 +90,7 @@ def assistant_char_spans(tokenizer, messages: list[dict], add_bos: bool = False)
         if message["role"] != "assistant":
             continue
         before = _render_prefix(tokenizer, messages, i)
-        through = render(tokenizer, messages[: i + 1])
+        through = text if i + 1 == len(messages) else render(tokenizer, messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
             raise TemplateMaskError(
                 f"The chat template does not render message {i} as a prefix of the whole conversation, so its "

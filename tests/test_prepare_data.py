@@ -469,3 +469,25 @@ def test_get_mixture_spec_errors_come_first(tmp_path, tokenizer):
     with pytest.raises(DataError, match="does not exist"):
         get_mixture(args, tokenizer, lambda _: None)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.integration
+def test_killed_prepare_leaves_no_cache_that_looks_complete(tmp_path, tiny_model_dir):
+    import signal
+
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "open_instruct.prepare_data", "--model_name_or_path", str(tiny_model_dir),
+               "--dataset_mixer_list", "synthetic:spelling", "3.0", "synthetic:letter_count", "3.0",
+               "--dataset_local_cache_dir", str(cache), "--dataset_num_proc", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # kill it while it tokenizes
+        if "Tokenizing" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not any(cache.glob("*/COMPLETED")), "a killed prepare left a cache that looks complete"
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert len(list(cache.glob("*/COMPLETED"))) == 1

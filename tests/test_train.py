@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -193,3 +194,30 @@ def test_debug_script_trains_a_given_model_and_dataset(tiny_model_dir, tmp_path)
     assert len(metrics) == 4  # 8 rows / (1 per device x 4 accumulation) x 2 epochs
     assert metrics[0]["learning_rate"] <= 5e-6  # the real-model recipe, not the tiny one
     assert (out / "model.safetensors").is_file()
+
+
+def test_mixer_file_audit_and_cache_reuse(tiny_model_dir, tmp_path):
+    """A mixture file with a sharegpt source trains; the audit shows exactly the replies + eos as trained; a second
+    run with the same data flags loads the cache instead of tokenizing again."""
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"dialog": [{"from": "human", "value": f"say {i}"}, {"from": "gpt", "value": f"ok {i}"}]} for i in range(16)]
+    chats.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(f"- {{name: {chats}, amount: 16, format: sharegpt, columns: {{conversations: dialog}}}}\n"
+                       "- {name: 'synthetic:spelling', amount: 16}\n")
+    cache, audit = tmp_path / "cache", tmp_path / "audit.jsonl"
+    args = ["--model_name_or_path", str(tiny_model_dir), "--dataset_mixer_file", str(mixture),
+            "--per_device_train_batch_size", "4", "--max_train_steps", "2", "--dataset_local_cache_dir", str(cache)]
+    first = finetune([*args, "--output_dir", str(tmp_path / "a"), "--audit_file", str(audit)])
+    assert "Cached the tokenized mixture" in first.stderr
+    stats = json.loads((tmp_path / "a" / "dataset_stats.json").read_text())
+    assert [(s["format"], s["kept_rows"]) for s in stats] == [("sharegpt", 16), ("messages", 16)]
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    sharegpt = [r for r in records if r["source"] == str(chats)]
+    assert len(sharegpt) >= 2
+    for record in sharegpt:  # rows are sampled in random order: match each reply to its own prompt's number
+        number = re.search(r"say (\d+)", "".join(s["text"] for s in record["segments"])).group(1)
+        assert [s["text"] for s in record["segments"] if s["trained"]] == [f"ok {number}<|endoftext|>"]
+    second = finetune([*args, "--output_dir", str(tmp_path / "b")])
+    assert "Loading the tokenized mixture" in second.stderr and "Tokenizing" not in second.stderr
+    assert read_metrics(tmp_path / "a")[0]["train_loss"] == read_metrics(tmp_path / "b")[0]["train_loss"]
