@@ -94,6 +94,12 @@ class FinetuneArgs:
     gradient_accumulation_steps: int = _field(
         1, "Micro-batches per optimizer step. Global batch = per-device batch x accumulation x processes."
     )
+    loss_reduction: Literal["mean", "sum"] = _field(
+        "mean",
+        "mean: the sum of token losses divided by the trained tokens of the whole global batch (every token weighs "
+        "the same whatever the layout). sum: the raw token sum, as the released Tulu-3 8B recipe used (open-instruct's "
+        "old reduce_loss sum); its gradient grows with the batch's token count. train_loss is logged per token either way.",
+    )
     learning_rate: float = _field(2e-5, "Peak learning rate (AdamW).")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "wsd"] = _field(
         "linear",
@@ -124,6 +130,12 @@ class FinetuneArgs:
         "attends to another. --no_padding_free pads each micro-batch to its longest example instead.",
     )
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = _field(
+        "auto",
+        "Attention kernel. auto: flash_attention_3, then flash_attention_2 on CUDA when installed, else sdpa. With "
+        "padding-free packing the trainer checks at start-up that packed examples do not attend to each other and "
+        "refuses to train otherwise.",
+    )
     # --- output, checkpoints, hub ---
     output_dir: str = _field("output/", "Where the final model, metrics.jsonl, the config and checkpoints go.")
     exp_name: str = _field("finetune", "Run name: used for tracking and as the default hub revision.")

@@ -1,5 +1,6 @@
 """Global batches first, then micro-batches: the examples in an optimizer step depend only on the seed, the data
-and the global batch size, never on how the batch is split over processes and accumulation steps.
+and the global batch size, never on how the batch is split over processes and accumulation steps. The split
+balances tokens over processes and micro-steps (`split_global_batch`).
 
 Collation turns a micro-batch into model inputs plus `target_ids`: the labels shifted left by one *within each
 example*, so a packed row never asks one example to predict the next example's first token.
@@ -49,11 +50,33 @@ def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def micro_batches_for_rank(global_batch: np.ndarray, rank: int, num_processes: int, grad_accum: int) -> list[np.ndarray]:
-    """This process's share of a global batch, as `grad_accum` micro-batches of equal example count."""
-    per_rank = len(global_batch) // num_processes
-    mine = global_batch[rank * per_rank : (rank + 1) * per_rank]
-    return np.array_split(mine, grad_accum)
+def _least_loaded_first(items: np.ndarray, weights: np.ndarray, bins: int) -> list[list[int]]:
+    """Largest item first into the least-loaded bin (ties: lowest bin): balanced bins, deterministic."""
+    loads = np.zeros(bins, dtype=np.int64)
+    assignment: list[list[int]] = [[] for _ in range(bins)]
+    for position in np.lexsort((items, -weights)):  # weight descending, then example index for determinism
+        target = int(np.argmin(loads))
+        assignment[target].append(int(items[position]))
+        loads[target] += int(weights[position])
+    return [sorted(bin_items) for bin_items in assignment]
+
+
+def split_global_batch(global_batch: np.ndarray, lengths: np.ndarray, num_processes: int,
+                       grad_accum: int) -> list[list[list[int]]]:
+    """[process][micro-step] -> example indices for one global batch.
+
+    Processes get equal shares of tokens (compute), largest example first into the least-loaded process; each
+    process's share is then split the same way into `grad_accum` micro-batches, so every process runs the same number
+    of forward passes (ZeRO-3 needs that) and no micro-batch is much longer than the others. A pure function of the
+    global batch and the example lengths: every process computes the whole plan locally, without communication.
+    """
+    weights = lengths[global_batch]
+    shares = _least_loaded_first(global_batch, weights, num_processes)
+    plan = []
+    for share in shares:
+        share = np.asarray(share, dtype=np.int64)
+        plan.append(_least_loaded_first(share, lengths[share], grad_accum) if len(share) else [[] for _ in range(grad_accum)])
+    return plan
 
 
 def targets_for(labels: np.ndarray) -> np.ndarray:
@@ -86,6 +109,13 @@ def collate_padded(input_ids: list[np.ndarray], labels: list[np.ndarray], pad_to
 
 
 def collate(input_ids: list[np.ndarray], labels: list[np.ndarray], padding_free: bool, pad_token_id: int) -> dict:
+    if not input_ids:
+        # A process with fewer examples than micro-steps still runs the forward pass (ZeRO-3 gathers weights in it):
+        # one pad token that trains nothing.
+        input_ids, labels = [np.array([pad_token_id])], [np.array([IGNORE_INDEX])]
+        batch = collate_packed(input_ids, labels)
+        batch.update(num_tokens=0, num_tokens_with_padding=0, num_trained_tokens=0)
+        return batch
     batch = collate_packed(input_ids, labels) if padding_free else collate_padded(input_ids, labels, pad_token_id)
     batch["num_tokens"] = sum(len(x) for x in input_ids)
     batch["num_tokens_with_padding"] = batch["input_ids"].numel()

@@ -463,6 +463,7 @@ class TokenizedMixture:
     def __init__(self, dataset, stats: list[SourceStats]):
         self.dataset = dataset.with_format("numpy")
         self.stats = stats
+        self.lengths = _column(dataset, "num_tokens").astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from open_instruct import hub
 from open_instruct.args import FinetuneArgs, args_to_dict, parse_args
-from open_instruct.batching import BatchPlan, collate, micro_batches_for_rank
+from open_instruct.batching import BatchPlan, collate, split_global_batch
 from open_instruct.checkpointing import save_final_model, save_training_state
 from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
 from open_instruct.loss import scale_for_backward, token_loss_sum
@@ -38,6 +38,7 @@ from open_instruct.metrics import MetricsLogger, RunCounters
 from open_instruct.model_utils import (
     ModelSetupError,
     attention_implementation,
+    packed_examples_stay_apart,
     load_model,
     load_tokenizer,
     pad_token_id,
@@ -154,10 +155,11 @@ def make_plan(args: FinetuneArgs, accelerator: Accelerator, mixture: TokenizedMi
 # ----------------------------------------------------------------------------------------------------------------
 def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: FinetuneArgs, accelerator: Accelerator,
                   pad_id: int) -> list[dict]:
-    global_batch = plan.global_batch(step)
-    shares = micro_batches_for_rank(global_batch, accelerator.process_index, accelerator.num_processes,
-                                    args.gradient_accumulation_steps)
-    return [collate(*mixture.examples(share), args.padding_free, pad_id) for share in shares]
+    """This process's micro-batches of optimizer step `step` (see batching.split_global_batch)."""
+    split = split_global_batch(plan.global_batch(step), mixture.lengths, accelerator.num_processes,
+                               args.gradient_accumulation_steps)
+    return [collate(*mixture.examples(share), args.padding_free, pad_id) if share else collate([], [], True, pad_id)
+            for share in split[accelerator.process_index]]
 
 
 def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], args: FinetuneArgs) -> dict:
@@ -167,6 +169,7 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
         dtype=torch.long, device=accelerator.device,
     )
     trained, tokens, tokens_with_padding = accelerator.reduce(local_counts, reduction="sum").tolist()
+    normalizer = trained if args.loss_reduction == "mean" else 1  # sum: the raw token sum, as Tulu-3 8B was trained
     loss_sum_local = torch.zeros((), device=accelerator.device)
     grad_norm = None
     model.train()
@@ -177,7 +180,7 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
             logits = model(**inputs, use_cache=False).logits
             loss_sum = token_loss_sum(logits, batch["target_ids"].to(accelerator.device))
             accelerator.backward(
-                scale_for_backward(loss_sum, trained, accelerator.num_processes, args.gradient_accumulation_steps)
+                scale_for_backward(loss_sum, normalizer, accelerator.num_processes, args.gradient_accumulation_steps)
             )
             if accelerator.sync_gradients and args.clip_grad_norm > 0:
                 # The norm before clipping (DeepSpeed clips inside its step and reports the same quantity).
@@ -228,7 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
     output = prepare_output_dir(args, accelerator)
 
     tokenizer = load_tokenizer(args)
-    with accelerator.main_process_first():  # one process tokenizes into the cache; the others then load it
+    # Rank 0 tokenizes into the cache first; then each node's local main process (which finds rank 0's cache on a
+    # shared filesystem, or tokenizes once per node on local disks); then everyone else loads. Every rank meets the
+    # same two barriers.
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
         mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None)
     plan, total_steps = make_plan(args, accelerator, mixture)
     logger.info("%d examples, global batch %d, %d steps per epoch (%d examples left out of each epoch), %d steps.",
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         (output / "dataset_stats.json").write_text(json.dumps(stats, indent=2))
 
     set_seed(args.seed)
-    attn = attention_implementation()
+    attn = attention_implementation(args.attn_implementation)
     model = load_model(args, model_dtype(accelerator), attn)
     logger.info("Model %s: %.1fM parameters, attention %s, padding-free %s.", args.model_name_or_path,
                 sum(p.numel() for p in model.parameters()) / 1e6, attn, args.padding_free)
@@ -246,6 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = build_scheduler(optimizer, total_steps, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    vocab_size = accelerator.unwrap_model(model).config.vocab_size
+    if args.padding_free and not packed_examples_stay_apart(model, accelerator.device, vocab_size):
+        raise ModelSetupError(f"With attention {attn}, packed examples attend to each other in this model. Use "
+                              "--attn_implementation sdpa or flash_attention_2, or --no_padding_free.")
     init_tracking(accelerator, args, output)
 
     metrics_log = MetricsLogger(accelerator, output, args.with_tracking)

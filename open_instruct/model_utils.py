@@ -38,15 +38,45 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def attention_implementation() -> str:
-    """flash_attention_2 on CUDA when installed, else PyTorch SDPA.
+def attention_implementation(requested: str = "auto") -> str:
+    """The attention kernel: the requested one, or for auto the fastest installed one (FA3, FA2 on CUDA, else SDPA).
 
-    Both keep packed examples apart: transformers derives per-example boundaries from position_ids that restart
-    at 0 (varlen kernels for flash-attention, a block-diagonal causal mask for SDPA).
+    transformers keeps packed examples apart for these by deriving per-example boundaries from position_ids that
+    restart at 0 (varlen kernels for flash-attention, a block-diagonal causal mask for SDPA, eager and flex);
+    `packed_examples_stay_apart` checks it on the real model at start-up.
     """
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    cuda = torch.cuda.is_available()
+    installed = {"flash_attention_3": importlib.util.find_spec("flash_attn_interface") is not None,
+                 "flash_attention_2": importlib.util.find_spec("flash_attn") is not None}
+    if requested == "auto":
+        return next((name for name, ok in installed.items() if ok and cuda), "sdpa")
+    if requested in installed and not (cuda and installed[requested]):
+        raise ModelSetupError(f"--attn_implementation {requested} needs CUDA and its package "
+                              f"({'flash-attn 3' if requested.endswith('3') else 'flash-attn'}); use sdpa here.")
+    return requested
+
+
+def packed_examples_stay_apart(model, device, vocab_size: int) -> bool:
+    """Forward two short examples packed in one row and each alone: equal logits mean no cross-example attention.
+
+    Every process must call it (under ZeRO-3 the forward gathers weights collectively).
+    """
+    from open_instruct.batching import collate_packed
+
+    generator = torch.Generator().manual_seed(0)
+    examples = [torch.randint(1, vocab_size, (n,), generator=generator).numpy() for n in (7, 5)]
+    packed = collate_packed(examples, examples)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                         use_cache=False).logits[0].float()
+        alone = [model(input_ids=torch.as_tensor(x, dtype=torch.long)[None].to(device), use_cache=False).logits[0].float()
+                 for x in examples]
+    model.train(was_training)
+    separate = torch.cat(alone)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2  # bf16 kernels differ by noise
+    return bool((together - separate).abs().max() <= tolerance * max(1.0, separate.abs().max().item()))
 
 
 def load_model(args, dtype: torch.dtype, attn_implementation: str):

@@ -11,7 +11,7 @@ from open_instruct.batching import (
     collate,
     collate_packed,
     collate_padded,
-    micro_batches_for_rank,
+    split_global_batch,
     targets_for,
 )
 
@@ -41,41 +41,52 @@ def test_global_batch_has_exact_size():
         assert batch.min() >= 0 and batch.max() < 103
 
 
+LENGTHS = np.random.default_rng(3).integers(5, 400, size=50)
+
+
 @pytest.mark.parametrize("processes, accum", [(1, 4), (2, 2), (4, 1)])
 def test_union_of_micro_batches_is_the_global_batch(processes, accum):
-    per_device = 2
-    plan = BatchPlan(num_examples=50, global_batch_size=per_device * processes * accum, seed=7)
+    plan = BatchPlan(num_examples=50, global_batch_size=2 * processes * accum, seed=7)
     for step in range(2 * plan.steps_per_epoch + 1):
         global_batch = plan.global_batch(step)
-        pieces = []
-        for rank in range(processes):
-            micro = micro_batches_for_rank(global_batch, rank, processes, accum)
-            assert len(micro) == accum
-            assert all(len(m) == per_device for m in micro)
-            pieces.extend(micro)
-        # In order: rank-major, then micro-step.
-        assert np.concatenate(pieces).tolist() == global_batch.tolist()
+        split = split_global_batch(global_batch, LENGTHS, processes, accum)
+        assert len(split) == processes and all(len(micro) == accum for micro in split)
+        pieces = [i for micro in split for share in micro for i in share]
+        assert sorted(pieces) == sorted(global_batch.tolist())  # every example exactly once
 
 
 def test_examples_of_a_step_do_not_depend_on_layout():
-    layouts = [(1, 4), (2, 2), (4, 1)]
     plan = BatchPlan(num_examples=50, global_batch_size=8, seed=7)
     for step in range(plan.steps_per_epoch * 2):
-        seen = []
-        for processes, accum in layouts:
-            examples = [
-                sorted(np.concatenate(micro_batches_for_rank(plan.global_batch(step), r, processes, accum)).tolist())
-                for r in range(processes)
-            ]
-            seen.append(sorted(sum(examples, [])))
-        assert seen[0] == seen[1] == seen[2] == sorted(plan.global_batch(step).tolist())
+        seen = [sorted(i for micro in split_global_batch(plan.global_batch(step), LENGTHS, p, a) for share in micro
+                       for i in share) for p, a in [(1, 8), (2, 4), (4, 2), (8, 1)]]
+        assert seen[0] == seen[1] == seen[2] == seen[3] == sorted(plan.global_batch(step).tolist())
 
 
-def test_micro_batches_split_literal():
-    batch = np.arange(8)
-    assert [m.tolist() for m in micro_batches_for_rank(batch, 1, 2, 2)] == [[4, 5], [6, 7]]
-    assert [m.tolist() for m in micro_batches_for_rank(batch, 0, 4, 1)] == [[0, 1]]
-    assert [m.tolist() for m in micro_batches_for_rank(batch, 0, 1, 4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+def test_split_balances_tokens_over_processes_and_micro_steps():
+    lengths = np.array([400, 10, 10, 10, 300, 20, 250, 30, 5, 5, 100, 60])
+    split = split_global_batch(np.arange(12), lengths, 2, 2)
+    process_tokens = [sum(lengths[i] for share in micro for i in share) for micro in split]
+    assert abs(process_tokens[0] - process_tokens[1]) <= lengths.max() // 4  # 600 vs 600 here
+    micro_tokens = [sum(lengths[i] for i in share) for micro in split for share in micro]
+    naive = [sum(lengths[list(chunk)]) for chunk in np.array_split(np.arange(12), 4)]  # contiguous split
+    assert max(micro_tokens) < max(naive)
+    assert split == split_global_batch(np.arange(12), lengths, 2, 2)  # deterministic
+
+
+def test_split_literal():
+    lengths = np.array([50, 40, 30, 20])
+    # Process 0 gets 50 then 20 (least loaded after 50/40), process 1 gets 40 then 30; then one per micro-step.
+    assert split_global_batch(np.arange(4), lengths, 2, 2) == [[[0], [3]], [[1], [2]]]
+    assert split_global_batch(np.arange(4), lengths, 1, 2) == [[[0, 3], [1, 2]]]
+
+
+def test_more_micro_steps_than_examples_leaves_empty_micro_batches():
+    split = split_global_batch(np.arange(3), np.array([5, 6, 7]), 2, 2)
+    assert sorted(len(share) for micro in split for share in micro) == [0, 1, 1, 1]
+    empty = collate([], [], True, pad_token_id=0)
+    assert empty["num_tokens"] == empty["num_trained_tokens"] == 0
+    assert (empty["target_ids"] == -100).all() and empty["input_ids"].shape == (1, 1)
 
 
 def test_epochs_are_different_permutations_covering_each_example_at_most_once():

@@ -113,3 +113,28 @@ def test_push_creates_a_private_repo_and_uploads_without_checkpoints(tmp_path):
     upload = api.calls[1][2]
     assert upload["folder_path"] == str(tmp_path) and "checkpoints/**" in upload["ignore_patterns"]
     assert url == "https://huggingface.co/alice/run"
+
+
+def test_packing_probe_passes_for_sdpa_and_catches_a_leaking_forward(tiny_model_dir):
+    model = model_utils.load_model(args(model_name_or_path=str(tiny_model_dir)), torch.float32, "sdpa").train()
+    assert model_utils.packed_examples_stay_apart(model, "cpu", model.config.vocab_size)
+    assert model.training  # the probe runs in eval mode and restores training mode
+
+    class Leaking(torch.nn.Module):
+        """Drops position_ids, as a backend that ignores packing would: the examples then see each other."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    assert not model_utils.packed_examples_stay_apart(Leaking(model), "cpu", model.config.vocab_size)
+
+
+def test_explicit_flash_attention_without_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(model_utils.ModelSetupError, match="needs CUDA"):
+        model_utils.attention_implementation("flash_attention_2")
+    assert model_utils.attention_implementation("eager") == "eager"

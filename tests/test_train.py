@@ -221,3 +221,23 @@ def test_mixer_file_audit_and_cache_reuse(tiny_model_dir, tmp_path):
     second = finetune([*args, "--output_dir", str(tmp_path / "b")])
     assert "Loading the tokenized mixture" in second.stderr and "Tokenizing" not in second.stderr
     assert read_metrics(tmp_path / "a")[0]["train_loss"] == read_metrics(tmp_path / "b")[0]["train_loss"]
+
+
+def test_loss_reduction_sum_is_the_token_sum(tiny_model_dir, tmp_path):
+    """sum: the gradient is the mean's gradient times the global batch's trained-token count (the logged loss stays
+    per token). A huge clip value logs the norm without clipping."""
+    runs = {}
+    for reduction in ("mean", "sum"):
+        finetune(base_args(tiny_model_dir, tmp_path / reduction, 1, "--loss_reduction", reduction,
+                           "--clip_grad_norm", "1e9"))
+        runs[reduction] = read_metrics(tmp_path / reduction)[0]
+    assert runs["sum"]["train_loss"] == pytest.approx(runs["mean"]["train_loss"], rel=1e-6)
+    trained = runs["mean"]["trained_tokens"]
+    assert runs["sum"]["grad_norm"] == pytest.approx(runs["mean"]["grad_norm"] * trained, rel=1e-4)
+
+
+def test_padded_and_padding_free_gradients_match(tiny_model_dir, tmp_path):
+    finetune(base_args(tiny_model_dir, tmp_path / "packed", 3, "--clip_grad_norm", "1e9"))
+    finetune(base_args(tiny_model_dir, tmp_path / "padded", 3, "--clip_grad_norm", "1e9", "--no_padding_free"))
+    for packed, padded in zip(read_metrics(tmp_path / "packed"), read_metrics(tmp_path / "padded")):
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
