@@ -130,9 +130,11 @@ class FinetuneArgs:
         "attends to another. --no_padding_free pads each micro-batch to its longest example instead.",
     )
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = _field(
+    attn_implementation: Literal["auto", "packed_sdpa", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = _field(
         "auto",
-        "Attention kernel. auto: flash_attention_3, then flash_attention_2 on CUDA when installed, else sdpa. With "
+        "Attention kernel. auto: flash_attention_3, then flash_attention_2 on CUDA when installed, else packed_sdpa "
+        "(causal SDPA per packed example: flash-attention's varlen semantics on any device). With "
         "padding-free packing the trainer checks at start-up that packed examples do not attend to each other and "
         "refuses to train otherwise.",
     )

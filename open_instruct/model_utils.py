@@ -8,6 +8,7 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from open_instruct import attention  # registers packed_sdpa with transformers
 from open_instruct.chat_templates import get_chat_template
 
 logger = logging.getLogger(__name__)
@@ -39,17 +40,18 @@ def pad_token_id(tokenizer) -> int:
 
 
 def attention_implementation(requested: str = "auto") -> str:
-    """The attention kernel: the requested one, or for auto the fastest installed one (FA3, FA2 on CUDA, else SDPA).
+    """The attention kernel: the requested one, or for auto the fastest available (FA3, then FA2 on CUDA, else
+    packed_sdpa: per-example causal SDPA, open_instruct/attention.py).
 
-    transformers keeps packed examples apart for these by deriving per-example boundaries from position_ids that
-    restart at 0 (varlen kernels for flash-attention, a block-diagonal causal mask for SDPA, eager and flex);
-    `packed_examples_stay_apart` checks it on the real model at start-up.
+    Packed examples stay apart because example boundaries come from position_ids that restart at 0 (varlen kernels
+    for flash-attention and packed_sdpa; a block-diagonal causal mask that transformers builds for sdpa, eager and
+    flex); `packed_examples_stay_apart` checks it on the real model at start-up.
     """
     cuda = torch.cuda.is_available()
     installed = {"flash_attention_3": importlib.util.find_spec("flash_attn_interface") is not None,
                  "flash_attention_2": importlib.util.find_spec("flash_attn") is not None}
     if requested == "auto":
-        return next((name for name, ok in installed.items() if ok and cuda), "sdpa")
+        return next((name for name, ok in installed.items() if ok and cuda), attention.NAME)
     if requested in installed and not (cuda and installed[requested]):
         raise ModelSetupError(f"--attn_implementation {requested} needs CUDA and its package "
                               f"({'flash-attn 3' if requested.endswith('3') else 'flash-attn'}); use sdpa here.")

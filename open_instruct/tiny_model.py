@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 
 def default_config_path() -> Path:
-    return Path(str(resources.files("open_instruct") / "assets" / "tiny_llama.json"))
+    return Path(__file__).parent / "assets" / "tiny_llama.json"  # shipped as package data
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

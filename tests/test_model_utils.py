@@ -61,10 +61,10 @@ def test_liger_patches_the_model_on_cuda(tiny_model_dir):
 
 def test_attention_backend_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert model_utils.attention_implementation() == "sdpa"
+    assert model_utils.attention_implementation() == "packed_sdpa"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(model_utils.importlib.util, "find_spec", lambda name: None)
-    assert model_utils.attention_implementation() == "sdpa"  # CUDA without flash-attn installed
+    assert model_utils.attention_implementation() == "packed_sdpa"  # CUDA without flash-attn installed
     monkeypatch.setattr(model_utils.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
     assert model_utils.attention_implementation() == "flash_attention_2"
 

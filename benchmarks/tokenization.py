@@ -1,7 +1,7 @@
 """Tokenization throughput: our full prepare path vs TRL's SFTTrainer dataset preparation, side by side.
 
     .venv/bin/pip install --no-deps trl          # TRL only for this benchmark (--no-deps keeps our pinned stack)
-    .venv/bin/python benchmarks/tokenize.py --rows 100000 [--num_proc 2] [--trl_num_proc 2]
+    .venv/bin/python benchmarks/tokenization.py --rows 100000 [--num_proc 2] [--trl_num_proc 2]
 
 Both sides read the same generated JSONL of multi-turn conversations with the same 32k-vocab byte-level BPE
 tokenizer, trained here on the same text, and the same tulu chat template (with `{% generation %}` markers, which
@@ -13,18 +13,12 @@ also checks that both produce the same input_ids and the same trained positions 
 
 from __future__ import annotations
 
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where this file would shadow the standard library's
-# `tokenize` module (used by inspect, linecache, ...). Drop that entry before anything imports it.
-if sys.path and sys.path[0] == __import__("os").path.dirname(__file__):
-    sys.path.pop(0)
-
 import argparse
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path

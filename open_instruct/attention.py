@@ -1,0 +1,62 @@
+"""`packed_sdpa`: variable-length causal attention from PyTorch's SDPA, for padding-free rows without flash-attention.
+
+flash-attention's varlen kernels (CUDA only) attend within each packed example, costing sum(L_i^2). SDPA with the
+block-diagonal mask that transformers builds for packed rows still computes the whole (sum L_i)^2 score matrix and
+masks most of it away, which makes packing slower than padding on a CPU. This implementation finds the examples
+from the position_ids that restart at 0, runs causal SDPA on each one (no mask tensor at all) and concatenates the
+results: the same values as flash-attention varlen, on any device. Anything else (padded batches with an attention
+mask, decoding with a KV cache) goes to transformers' own SDPA path unchanged.
+
+Registered with transformers' AttentionInterface on import, so `attn_implementation="packed_sdpa"` works in
+`from_pretrained` like a built-in kernel. The saved config records `sdpa`, so a trained model loads anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "packed_sdpa"
+
+
+def example_bounds(position_ids: torch.Tensor) -> list[list[int]]:
+    """Per row, the start of every example (where the position does not continue the previous one) and the end."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    length = position_ids.shape[1]
+    return [row.nonzero().flatten().tolist() + [length] for row in starts]
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        position_ids=None, **kwargs):
+    """query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None), attending within each example."""
+    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows = []
+    for row, bounds in enumerate(example_bounds(position_ids.expand(query.shape[0], -1))):
+        pieces = [
+            F.scaled_dot_product_attention(
+                query[row : row + 1, :, start:end], key[row : row + 1, :, start:end], value[row : row + 1, :, start:end],
+                is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1],
+            )
+            for start, end in zip(bounds, bounds[1:])
+        ]
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def packed_sdpa_mask(*args, **kwargs):
+    """No [T x T] mask for rows without padding (the attention finds the examples itself); SDPA's mask otherwise."""
+    q_length = kwargs.get("q_length", args[1] if len(args) > 1 else None)
+    kv_length = kwargs.get("kv_length", args[2] if len(args) > 2 else None)
+    if kwargs.get("attention_mask") is None and q_length == kv_length:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(NAME, packed_sdpa_forward)
+AttentionMaskInterface.register(NAME, packed_sdpa_mask)
