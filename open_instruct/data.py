@@ -393,7 +393,8 @@ def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: Enc
         features=_encoded_features(),
         fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "columns": source.item.columns, "options": vars(options)},
         remove_columns=sampled.column_names,
-        num_proc=num_proc if len(sampled) >= 1000 * num_proc else None,  # worker start-up dominates tiny sources
+        # No pool for one process, nor for small sources, where worker start-up costs more than it saves.
+        num_proc=num_proc if num_proc > 1 and len(sampled) >= 1000 * num_proc else None,
         desc=f"Tokenizing {source.item.name}",
         load_from_cache_file=False,
     )

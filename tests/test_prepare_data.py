@@ -480,10 +480,11 @@ def test_killed_prepare_leaves_no_cache_that_looks_complete(tmp_path, tiny_model
                "--dataset_mixer_list", "synthetic:spelling", "3.0", "synthetic:letter_count", "3.0",
                "--dataset_local_cache_dir", str(cache), "--dataset_num_proc", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # kill it while it tokenizes
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    for line in process.stdout:  # kill the whole job while it tokenizes, as a scheduler's preemption would
         if "Tokenizing" in line:
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             break
     process.wait()
     assert process.returncode == -signal.SIGKILL
