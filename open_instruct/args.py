@@ -121,8 +121,11 @@ class FinetuneArgs:
     # --- model features ---
     use_liger_kernel: bool = _field(
         False,
-        "Liger fused kernels (RMSNorm, RoPE, SwiGLU) on CUDA. Without CUDA the stock PyTorch ops, which compute "
-        "the same, are used and the log says so.",
+        "Fused kernels: Liger's RMSNorm, RoPE and SwiGLU on CUDA (PyTorch's, the same math, elsewhere), and on every "
+        "device a chunked linear cross-entropy that never holds the full [tokens x vocab] logits (open_instruct/loss.py).",
+    )
+    loss_chunk_size: int = _field(
+        4096, "With --use_liger_kernel: trained positions per output-layer call of the chunked loss (memory vs speed)."
     )
     padding_free: bool = _field(
         True,
@@ -200,6 +203,10 @@ def validate(args: FinetuneArgs) -> None:
         errors.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
     if args.learning_rate <= 0:
         errors.append(f"--learning_rate must be positive, got {args.learning_rate}.")
+    if args.loss_chunk_size < 1:
+        errors.append(f"--loss_chunk_size must be at least 1, got {args.loss_chunk_size}.")
+    if not args.use_liger_kernel and _changed(args, "loss_chunk_size"):
+        errors.append("--loss_chunk_size has no effect without --use_liger_kernel.")
     if args.dataset_num_proc is not None and args.dataset_num_proc < 1:
         errors.append(f"--dataset_num_proc must be at least 1, got {args.dataset_num_proc}.")
     if args.audit_num_examples < 1:

@@ -40,10 +40,15 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str | Path) -> N
 
     Files are written to a temporary folder first and moved next to the run's logs only when complete.
     """
+    from open_instruct.model_utils import ChunkedLossModel
+
     output = Path(output_dir)
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank must call it
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        if isinstance(unwrapped, ChunkedLossModel):  # save the Hugging Face model, not the training wrapper
+            unwrapped = unwrapped.lm
+            state_dict = {key.removeprefix("lm."): value for key, value in state_dict.items()}
         unwrapped.config.use_cache = True  # gradient checkpointing turned it off for training only
         generation = unwrapped.generation_config
         if generation.eos_token_id is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from datetime import timedelta
@@ -36,6 +37,7 @@ from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
 from open_instruct.loss import scale_for_backward, token_loss_sum
 from open_instruct.metrics import MetricsLogger, RunCounters
 from open_instruct.model_utils import (
+    ChunkedLossModel,
     ModelSetupError,
     attention_implementation,
     packed_examples_stay_apart,
@@ -170,15 +172,20 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
     )
     trained, tokens, tokens_with_padding = accelerator.reduce(local_counts, reduction="sum").tolist()
     normalizer = trained if args.loss_reduction == "mean" else 1  # sum: the raw token sum, as Tulu-3 8B was trained
+    chunks = (loss_chunks_per_micro_batch(accelerator, batches, args.loss_chunk_size) if args.use_liger_kernel
+              else [None] * len(batches))
     loss_sum_local = torch.zeros((), device=accelerator.device)
     grad_norm = None
     model.train()
-    for batch in batches:
+    for batch, num_chunks in zip(batches, chunks):
         with accelerator.accumulate(model):
             inputs = {key: batch[key].to(accelerator.device) for key in MODEL_INPUTS if key in batch}
+            targets = batch["target_ids"].to(accelerator.device)
             # use_cache=False is load-bearing: transformers derives packed-example boundaries only without a KV cache.
-            logits = model(**inputs, use_cache=False).logits
-            loss_sum = token_loss_sum(logits, batch["target_ids"].to(accelerator.device))
+            if args.use_liger_kernel:  # the model is a ChunkedLossModel: no full logits tensor
+                loss_sum = model(**inputs, target_ids=targets, num_chunks=num_chunks, use_cache=False)
+            else:
+                loss_sum = token_loss_sum(model(**inputs, use_cache=False).logits, targets)
             accelerator.backward(
                 scale_for_backward(loss_sum, normalizer, accelerator.num_processes, args.gradient_accumulation_steps)
             )
@@ -208,6 +215,16 @@ def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, 
     if result["grad_norm"] is not None:
         record["grad_norm"] = result["grad_norm"]
     return record
+
+
+def loss_chunks_per_micro_batch(accelerator: Accelerator, batches: list[dict], chunk_size: int) -> list[int | None]:
+    """Chunks of the chunked loss per micro-step, equal on every process: under ZeRO-3 each output-layer call is a
+    collective, so all processes must make the same number (sized by the process with the most trained tokens)."""
+    if accelerator.num_processes == 1:
+        return [None] * len(batches)
+    local = torch.tensor([[b["num_trained_tokens"] for b in batches]], device=accelerator.device)
+    most = accelerator.gather(local).max(dim=0).values.tolist()
+    return [max(1, math.ceil(count / chunk_size)) for count in most]
 
 
 def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
@@ -246,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     attn = attention_implementation(args.attn_implementation)
     model = load_model(args, model_dtype(accelerator), attn)
+    if args.use_liger_kernel:
+        model = ChunkedLossModel(model, args.loss_chunk_size)
     logger.info("Model %s: %.1fM parameters, attention %s, padding-free %s.", args.model_name_or_path,
                 sum(p.numel() for p in model.parameters()) / 1e6, attn, args.padding_free)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)

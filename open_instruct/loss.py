@@ -6,10 +6,10 @@ This weighs every trained token equally, whatever the example lengths, the numbe
 steps (the per-micro-batch mean that HF and open-instruct use weighs short examples more). This module is the only
 place that computes it; the trainer calls `token_loss_sum` and `scale_for_backward`.
 
-Which loss sum the trainer uses: `token_loss_sum` on the model's logits by default;
-`chunked_linear_cross_entropy_sum` on the last hidden states and the output layer with `--use_liger_kernel` when Liger
-cannot run (no CUDA), which gives the same sum and gradients without ever holding the full [tokens x vocab] logits.
-Both are normalized the same way by `scale_for_backward`.
+Which loss sum the trainer uses when: `token_loss_sum`, on the model's logits, by default.
+`chunked_linear_cross_entropy_sum`, on the last hidden states and the output layer, with `--use_liger_kernel` when
+Liger cannot run (no CUDA): the same sum and gradients without ever holding the full [tokens x vocab] logits.
+Either sum goes through `scale_for_backward`.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ def chunked_linear_cross_entropy_sum(
 
     Only the trained positions (target != IGNORE_INDEX) go through the output layer at all, `chunk_size` rows at a
     time. Each chunk's logits are upcast to fp32, reduced to a cross-entropy sum and freed; the chunk is checkpointed,
-    so its logits are recomputed one chunk at a time in the backward. Peak memory is about one chunk's logits (and
-    their gradient) instead of all tokens', plus a second copy of the output layer's weight gradient while the
-    chunks' contributions are summed.
+    so its logits are recomputed one chunk at a time in the backward. Peak memory is a few chunk-sized fp32 tensors
+    (the recomputed log-softmax and its gradients) instead of all tokens', plus, when the output layer is trained,
+    up to two extra copies of its weight gradient while autograd sums the chunks' contributions (out of place).
+    The price is one more forward matmul per chunk (the recomputation).
 
     `lm_head` is called as a module (never its `.weight` read directly), so DeepSpeed ZeRO-3 gathers the weight in its
     forward hooks, on the forward and on each recomputation. It is always called at least once (on an empty chunk
@@ -78,8 +79,11 @@ def chunked_linear_cross_entropy_sum(
     if flat_targets.shape[0] != flat_hidden.shape[0]:
         raise ValueError(f"{flat_hidden.shape[0]} hidden positions but {flat_targets.shape[0]} targets")
     trained = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-    rows = flat_hidden.index_select(0, trained)  # untrained positions never reach the output layer
-    targets = flat_targets.index_select(0, trained)
+    if trained.shape[0] == flat_hidden.shape[0]:
+        rows, targets = flat_hidden, flat_targets  # all trained: no copy of the rows, no scatter of their gradient
+    else:
+        rows = flat_hidden.index_select(0, trained)  # untrained positions never reach the output layer
+        targets = flat_targets.index_select(0, trained)
     n = rows.shape[0]
     if num_chunks is None:
         sizes = [min(chunk_size, n - start) for start in range(0, n, chunk_size)] or [0]

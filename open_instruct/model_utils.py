@@ -96,10 +96,13 @@ def load_model(args, dtype: torch.dtype, attn_implementation: str):
 def apply_liger_kernel(model) -> bool:
     """Patch the model with Liger's fused RMSNorm, RoPE and SwiGLU on CUDA; elsewhere keep PyTorch's ops.
 
-    The loss is computed by open_instruct.loss from the logits, so Liger's own fused cross-entropy is not used.
+    The loss side of --use_liger_kernel is ChunkedLossModel on every device: Liger's fused linear cross-entropy reads
+    lm_head.weight outside the module's forward, which under ZeRO-3 is an empty shard; our chunked loss calls the
+    module, so ZeRO-3 gathers the weight.
     """
     if not torch.cuda.is_available():
-        logger.warning("--use_liger_kernel: Liger needs CUDA; using the PyTorch implementations of the same ops.")
+        logger.warning("--use_liger_kernel: Liger needs CUDA; using PyTorch's RMSNorm, RoPE and SwiGLU (the same math) "
+                       "and the chunked linear cross-entropy.")
         return False
     if importlib.util.find_spec("liger_kernel") is None:
         raise ModelSetupError("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel")
@@ -108,3 +111,32 @@ def apply_liger_kernel(model) -> bool:
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     return True
+
+
+class ChunkedLossModel(torch.nn.Module):
+    """Wraps a causal LM so the training forward returns the token-loss sum from hidden states, chunk by chunk,
+    never holding the full [tokens x vocab] logits (open_instruct.loss.chunked_linear_cross_entropy_sum).
+
+    It is what accelerate/DeepSpeed prepare, so the loss runs inside the engine's forward: ZeRO-3 gathers the output
+    layer through its module hooks each time a chunk calls it. Without target_ids it behaves like the wrapped model.
+    """
+
+    def __init__(self, lm, chunk_size: int = 4096):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, target_ids=None, num_chunks=None, **inputs):
+        """num_chunks: the same on every process under ZeRO-3 (each output-layer call is a collective gather)."""
+        from open_instruct.loss import chunked_linear_cross_entropy_sum
+
+        if target_ids is None:
+            return self.lm(**inputs)
+        hidden = self.lm.get_decoder()(**inputs).last_hidden_state
+        return chunked_linear_cross_entropy_sum(hidden, self.lm.get_output_embeddings(), target_ids, self.chunk_size,
+                                                num_chunks=num_chunks)
+
+

@@ -30,16 +30,22 @@ def common(model_dir):
             "--clip_grad_norm", "1.0", "--seed", "3", "--logging_steps", "1", "--warmup_ratio", "0.0"]
 
 
-@pytest.mark.parametrize("ds_config", ["configs/ds_configs/stage3_no_offloading_accelerate.conf", ""],
-                         ids=["zero3", "ddp"])
-def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp_path, ds_config):
+ZERO3 = "configs/ds_configs/stage3_no_offloading_accelerate.conf"
+
+
+@pytest.mark.parametrize("ds_config, extra", [(ZERO3, []), ("", []), (ZERO3, ["--use_liger_kernel", "--loss_chunk_size", "7"])],
+                         ids=["zero3", "ddp", "zero3-chunked-loss"])
+def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp_path, ds_config, extra):
+    """zero3-chunked-loss: the chunked loss calls the output layer once per chunk, a collective under ZeRO-3; the
+    processes hold different numbers of trained tokens, and 7-row chunks make several calls per micro-batch, so this
+    also shows the processes agree on the number of calls (a mismatch hangs or fails the gather)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    finetune([*common(tiny_model_dir), "--gradient_accumulation_steps", "4", "--output_dir", str(one)])
+    finetune([*common(tiny_model_dir), *extra, "--gradient_accumulation_steps", "4", "--output_dir", str(one)])
     # The 2-process run goes through the debug recipe's launcher interface (NUM_PROCESSES, DS_CONFIG, OUTPUT_DIR).
     env = clean_env(NUM_PROCESSES="2", DS_CONFIG=ds_config, OUTPUT_DIR=str(two), TINY_MODEL_DIR=str(tiny_model_dir),
                     PYTHON=sys.executable, PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
     result = run(["bash", "scripts/train/debug/finetune.sh",
-                  *with_cache_dir([*common(tiny_model_dir), "--gradient_accumulation_steps", "2"])], env=env)
+                  *with_cache_dir([*common(tiny_model_dir), *extra, "--gradient_accumulation_steps", "2"])], env=env)
     assert "global batch 8," in result.stdout + result.stderr  # 2 per device x 2 accumulation x 2 processes
 
     single, double = read_metrics(one), read_metrics(two)

@@ -241,3 +241,16 @@ def test_padded_and_padding_free_gradients_match(tiny_model_dir, tmp_path):
     finetune(base_args(tiny_model_dir, tmp_path / "padded", 3, "--clip_grad_norm", "1e9", "--no_padding_free"))
     for packed, padded in zip(read_metrics(tmp_path / "packed"), read_metrics(tmp_path / "padded")):
         assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
+
+
+def test_use_liger_kernel_trains_identically_with_the_chunked_loss(tiny_model_dir, tmp_path):
+    """--use_liger_kernel on CPU: PyTorch's ops plus the chunked loss give the same losses and gradients; the saved
+    model is the plain Hugging Face model (no wrapper keys)."""
+    finetune(base_args(tiny_model_dir, tmp_path / "plain", 3, "--clip_grad_norm", "1e9"))
+    result = finetune(base_args(tiny_model_dir, tmp_path / "fused", 3, "--clip_grad_norm", "1e9", "--use_liger_kernel"))
+    assert "chunked linear cross-entropy" in result.stderr
+    for plain, fused in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fused")):
+        assert fused["train_loss"] == pytest.approx(plain["train_loss"], abs=1e-5)
+        assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    assert not any(name.startswith("lm.") for name, _ in model.named_parameters())
