@@ -31,14 +31,15 @@ def token_loss_sum(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tens
     )
 
 
-def scale_for_backward(loss_sum: torch.Tensor, global_trained_tokens: int, num_processes: int, grad_accum: int) -> torch.Tensor:
+def scale_for_backward(loss_sum: torch.Tensor, normalizer: int, num_processes: int, grad_accum: int) -> torch.Tensor:
     """The tensor to pass to `accelerator.backward` so the applied gradient is d(objective)/d(params).
 
     accelerate (and DeepSpeed) divide each backward by `grad_accum`, and DDP / ZeRO average gradients over the
-    `num_processes` data-parallel ranks; multiplying by both undoes that, and dividing by the global count of trained
-    tokens normalizes. A global batch with no trained token at all contributes a zero gradient.
+    `num_processes` data-parallel ranks; multiplying by both undoes that. `normalizer` is the global batch's count of
+    trained tokens (--loss_reduction mean), or 1 for the raw token sum (--loss_reduction sum). A global batch with no
+    trained token at all contributes a zero gradient.
     """
-    return loss_sum * (num_processes * grad_accum) / max(global_trained_tokens, 1)
+    return loss_sum * (num_processes * grad_accum) / max(normalizer, 1)
 
 
 def chunked_linear_cross_entropy_sum(
