@@ -2,7 +2,7 @@
 
     .venv/bin/pip install --no-deps trl          # TRL only for this benchmark (--no-deps keeps our pinned stack)
     .venv/bin/python benchmarks/vs_trl.py [--steps 200] [--batch_size 16] [--learning_rate 2e-3] \
-        [--rows_per_task 2000] [--trl_mode padding_free|bfd] [--keep]
+        [--rows_per_task 2000] [--trl_mode padding_free|bfd] [--threads N] [--keep]
 
 One process on CPU, fp32, both sides one after the other (never at the same time). The script builds the embedded
 tiny Llama once, writes one JSONL of `messages` rows from the synthetic tasks (spelling, letter_count, arithmetic)
@@ -23,7 +23,9 @@ per_device_train_batch_size=1, max_length chosen to hold about B examples), in T
 Timed: the training loop only (ours: summary.json `train_seconds`; TRL: on_train_begin to on_train_end) and the
 whole subprocess (start-up, data preparation, model load, training, final save), in wall-clock and CPU seconds.
 Effective tokens/s counts non-pad tokens (padding-free: every token of the row). The timings assume an otherwise idle
-machine; the report prints the load average before and after so a busy machine shows.
+machine; the report prints the load average before and after so a busy machine shows, and the median step time,
+which a few slow steps do not move. On an oversubscribed machine both runs slow down a lot (torch's threads wait
+on each other); `--threads 1` makes that milder.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ import argparse
 import json
 import os
 import platform
-import sys
+import re
 import resource
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,11 +80,14 @@ def write_data(path: Path, rows_per_task: int) -> int:
     return len(rows)
 
 
-def child_env(work: Path) -> dict:
+def child_env(work: Path, threads: int | None) -> dict:
     # Keep every cache in the temp dir and never touch the network.
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                HF_DATASETS_CACHE=str(work / "hf-cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               HF_DATASETS_CACHE=str(work / "hf-cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
 
 
 def run_logged(cmd: list[str], log: Path, cwd: Path, env: dict, what: str) -> tuple[float, float]:
@@ -111,16 +118,25 @@ def ours_command(args, model_dir: Path, data: Path, out: Path, cache: Path) -> l
 def run_ours(args, model_dir: Path, data: Path, work: Path) -> dict:
     out = work / "ours"
     cmd = ours_command(args, model_dir, data, out, work / "cache")
-    wall, cpu = run_logged(cmd, work / "ours.log", REPO, child_env(work), "our trainer")
+    wall, cpu = run_logged(cmd, work / "ours.log", REPO, child_env(work, args.threads), "our trainer")
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     stats = json.loads((out / "dataset_stats.json").read_text())
-    cumulative = [(r["total_tokens"], r["trained_tokens"]) for r in records]
-    tokens = [t - p for (t, _), (p, _) in zip(cumulative, [(0, 0)] + cumulative[:-1])]
-    trained = [t - p for (_, t), (_, p) in zip(cumulative, [(0, 0)] + cumulative[:-1])]
-    return {"wall": wall, "cpu": cpu, "train_seconds": summary["train_seconds"], "total_tokens": summary["total_tokens"],
-            "losses": [r["train_loss"] for r in records], "tokens": tokens, "trained": trained,
-            "examples": [args.batch_size] * len(records), "stats": stats, "command": cmd}
+    setup = re.search(r"attention (\S+), padding-free (\S+)\.", (work / "ours.log").read_text())
+    tokens = per_step([r["total_tokens"] for r in records])
+    trained = per_step([r["trained_tokens"] for r in records])
+    # Seconds since the loop started, at each step's log: tokens so far / tokens per second so far.
+    elapsed = [r["total_tokens"] / r["per_device_tps"] for r in records]
+    return {"wall": wall, "cpu": cpu, "train_seconds": summary["train_seconds"],
+            "total_tokens": summary["total_tokens"], "losses": [r["train_loss"] for r in records],
+            "step_seconds": per_step(elapsed), "tokens": tokens, "trained": trained,
+            "examples": [args.batch_size] * len(records), "stats": stats, "command": cmd,
+            "attention": setup.group(1) if setup else "?", "padding_free": setup.group(2) if setup else "?"}
+
+
+def per_step(cumulative: list) -> list:
+    """Per-step values from running totals."""
+    return [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
 
 
 def our_batch_order(num_examples: int, batch_size: int, steps: int) -> list[int]:
@@ -169,7 +185,11 @@ def trl_worker(config_path: Path) -> None:
         start = end = None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.step_ends: list[float] = []
             self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ends.append(time.perf_counter() - self.start)
 
         def on_train_end(self, args, state, control, **kwargs):
             self.end = time.perf_counter()
@@ -197,11 +217,13 @@ def trl_worker(config_path: Path) -> None:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {
         "train_seconds": timer.end - timer.start,
+        "step_seconds": per_step(timer.step_ends),
         "losses": losses,
         **{key: values[: cfg["steps"]] for key, values in counts.items()},
         "optim": str(getattr(config.optim, "value", config.optim)),
         "average_tokens_across_devices": config.average_tokens_across_devices,
         "loss_type": config.loss_type,
+        "threads": torch.get_num_threads(),
     }
     (work / "trl_result.json").write_text(json.dumps(result))
 
@@ -213,7 +235,7 @@ def run_trl(args, model_dir: Path, data: Path, work: Path, order: list[int] | No
     config_path = work / "trl_config.json"
     config_path.write_text(json.dumps(cfg))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_trl_worker", str(config_path)]
-    wall, cpu = run_logged(cmd, work / "trl.log", work, child_env(work), "TRL")
+    wall, cpu = run_logged(cmd, work / "trl.log", work, child_env(work, args.threads), "TRL")
     result = json.loads((work / "trl_result.json").read_text())
     result["wall"], result["cpu"] = wall, cpu
     result["total_tokens"] = sum(result["tokens"])
@@ -232,9 +254,9 @@ def describe(args, ours: dict, trl: dict, packed_length: int | None, mean_len: f
     tmp = str(Path(ours["command"][4]).parent)
     lines = [
         "ours: python " + " ".join(ours["command"][1:]).replace(tmp, "<tmp>"),
-        "      padding-free (one row of the step's B examples, positions restarting at 0), attention packed_sdpa "
-        "(causal SDPA per example), torch AdamW (not fused); loss = sum over the global batch's trained tokens / "
-        "their count",
+        f"      padding-free {ours['padding_free']} (one row of the step's B examples, positions restarting at 0), "
+        f"attention {ours['attention']} (as its log says), torch AdamW (not fused); loss = sum over the global "
+        "batch's trained tokens / their count",
     ]
     shared = (f"assistant_only_loss=True, loss_type='nll', bf16=False, gradient_checkpointing=False, "
               f"max_grad_norm=0, optim='{trl['optim']}' (TRL's default)")
@@ -242,6 +264,7 @@ def describe(args, ours: dict, trl: dict, packed_length: int | None, mean_len: f
         lines += [
             f"TRL:  SFTConfig(padding_free=True, packing=False, per_device_train_batch_size={args.batch_size}, "
             f"max_length=None, train_sampling_strategy='sequential', {shared})",
+            "      attention sdpa (transformers' block-diagonal causal mask over the packed row; TRL's CPU option).",
             "      why: TRL accepts padding_free without packing (on CPU, with SDPA): one step is then one packed row "
             f"of exactly {args.batch_size} examples, our semantics. TRL requires max_length=None there (no row comes "
             "near 256 tokens, so neither side truncates). The dataset is handed to TRL in our batch order and read "
@@ -251,6 +274,7 @@ def describe(args, ours: dict, trl: dict, packed_length: int | None, mean_len: f
         lines += [
             f"TRL:  SFTConfig(packing=True, packing_strategy='bfd', padding_free=True, per_device_train_batch_size=1, "
             f"max_length={packed_length}, {shared})",
+            "      attention sdpa (transformers' block-diagonal causal mask over the packed row; TRL's CPU option).",
             "      why: TRL's packing counts packed rows, not examples; max_length = "
             f"{args.batch_size} x {mean_len:.1f} mean tokens holds about {args.batch_size} examples per row. TRL's own "
             "order (bfd groups examples by length), so its batches differ from ours and per-step losses differ by "
@@ -273,7 +297,7 @@ def report(args, rows: int, ours: dict, trl: dict, packed_length: int | None) ->
     steps = args.steps
     mean_len = ours["total_tokens"] / (steps * args.batch_size)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+          f"(threads per run: {trl['threads']}), transformers {transformers.__version__}, "
           f"TRL {trl_package.__version__}; one process each, CPU, fp32, run one after the other")
     print(f"load average (1 min) before / after the two runs: {args.load_before:.2f} / {os.getloadavg()[0]:.2f} "
           "(other work on the machine skews the timings)")
@@ -298,13 +322,19 @@ def report(args, rows: int, ours: dict, trl: dict, packed_length: int | None) ->
         ("trained tokens", f"{sum(ours['trained'])}", f"{sum(trl['trained'])}"),
         ("training loop s", f"{ours['train_seconds']:.2f}", f"{trl['train_seconds']:.2f}"),
         ("effective tokens/s", f"{ours_tps:.0f}", f"{trl_tps:.0f}"),
+        ("median step s", f"{statistics.median(ours['step_seconds']):.3f}",
+         f"{statistics.median(trl['step_seconds']):.3f}"),
+        ("slowest step s", f"{max(ours['step_seconds']):.2f}",
+         f"{max(trl['step_seconds']):.2f}"),
         ("whole process s", f"{ours['wall']:.1f}", f"{trl['wall']:.1f}"),
         ("whole process CPU s", f"{ours['cpu']:.1f}", f"{trl['cpu']:.1f}"),
     ]
     print(f"{'':<20}{'ours':>12}   TRL")
     for name, a, b in table:
         print(f"{name:<20}{a:>12}   {b}")
-    print(f"effective tokens/s ours / TRL: {ours_tps / trl_tps:.2f}x   (whole process: TRL / ours wall "
+    median_ratio = statistics.median(trl["step_seconds"]) / statistics.median(ours["step_seconds"])
+    print(f"effective tokens/s ours / TRL: {ours_tps / trl_tps:.2f}x   (median step time TRL / ours: "
+          f"{median_ratio:.2f}x, less sensitive to bursts of other load; whole process wall TRL / ours: "
           f"{trl['wall'] / ours['wall']:.2f}x)")
     if args.trl_mode == "padding_free":
         same_tokens = sum(a == b for a, b in zip(ours["tokens"], trl["tokens"]))
@@ -335,6 +365,8 @@ def main() -> None:
     parser.add_argument("--rows_per_task", type=int, default=2000)
     parser.add_argument("--trl_mode", choices=("padding_free", "bfd"), default="padding_free",
                         help="padding_free: B examples per step in our order (exact match); bfd: TRL's packing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for both runs (default: torch's own choice, one per core)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, both run dirs)")
     parser.add_argument("--_trl_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -4,7 +4,8 @@ flash-attention's varlen kernels (CUDA only) attend within each packed example, 
 block-diagonal mask that transformers builds for packed rows still computes the whole (sum L_i)^2 score matrix and
 masks most of it away, which makes packing slower than padding on a CPU. This implementation finds the examples
 from the position_ids that restart at 0, runs causal SDPA on each one (no mask tensor at all) and concatenates the
-results: the same values as flash-attention varlen, on any device. Anything else (padded batches with an attention
+results: the same values as flash-attention varlen, on any device. Short rows (up to SHORT_ROW tokens), where one
+call beats a call per example, take a single SDPA call with a block-diagonal causal mask built from position_ids. Anything else (padded batches with an attention
 mask, decoding with a KV cache) goes to transformers' own SDPA path unchanged.
 
 Registered with transformers' AttentionInterface on import, so `attn_implementation="packed_sdpa"` works in
@@ -20,14 +21,30 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "packed_sdpa"
+# Up to this many tokens a row takes one SDPA call with a block-diagonal causal mask (cheap at this size, and one call
+# instead of one per example); longer rows run SDPA per example, where the (sum L_i)^2 score matrix would dominate.
+SHORT_ROW = 1024
+
+
+def example_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: where an example starts (the position does not continue the previous one)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
 
 
 def example_bounds(position_ids: torch.Tensor) -> list[list[int]]:
-    """Per row, the start of every example (where the position does not continue the previous one) and the end."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    """Per row, the start of every example and the row's end."""
     length = position_ids.shape[1]
-    return [row.nonzero().flatten().tolist() + [length] for row in starts]
+    return [row.nonzero().flatten().tolist() + [length] for row in example_starts(position_ids)]
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool: a token attends to earlier tokens of its own example (always itself: no empty row)."""
+    example = example_starts(position_ids).cumsum(-1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -36,12 +53,18 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    position_ids = position_ids.expand(query.shape[0], -1)
+    gqa = key.shape[1] != query.shape[1]
+    if query.shape[2] <= SHORT_ROW:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=block_causal_mask(position_ids),
+                                             dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     rows = []
-    for row, bounds in enumerate(example_bounds(position_ids.expand(query.shape[0], -1))):
+    for row, bounds in enumerate(example_bounds(position_ids)):
         pieces = [
             F.scaled_dot_product_attention(
                 query[row : row + 1, :, start:end], key[row : row + 1, :, start:end], value[row : row + 1, :, start:end],
-                is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1],
+                is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
             )
             for start, end in zip(bounds, bounds[1:])
         ]

@@ -39,17 +39,23 @@ def assert_packed_equals_separate(model, device="cpu", atol=1e-5):
             start += len(x)
 
 
-@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa", "eager"])
-def test_packed_logits_equal_per_example_logits(attn):
-    import open_instruct.attention  # noqa: F401  (registers packed_sdpa)
+@pytest.mark.parametrize("attn, short_row", [("packed_sdpa", 1024), ("packed_sdpa", 0), ("sdpa", None),
+                                             ("eager", None)], ids=["packed_sdpa-masked", "packed_sdpa-per-example",
+                                                                    "sdpa", "eager"])
+def test_packed_logits_equal_per_example_logits(attn, short_row, monkeypatch):
+    import open_instruct.attention as attention  # registers packed_sdpa
 
+    if short_row is not None:  # both branches of packed_sdpa: one masked call, or one call per example
+        monkeypatch.setattr(attention, "SHORT_ROW", short_row)
     assert_packed_equals_separate(tiny_llama(attn))
 
 
-def test_packed_sdpa_gradients_equal_sdpa_with_block_mask():
-    """The per-example kernel computes the same function as SDPA with transformers' block-diagonal mask."""
-    import open_instruct.attention  # noqa: F401
+@pytest.mark.parametrize("short_row", [1024, 0], ids=["masked", "per-example"])
+def test_packed_sdpa_gradients_equal_sdpa_with_block_mask(short_row, monkeypatch):
+    """packed_sdpa computes the same function as SDPA with transformers' block-diagonal mask, in both branches."""
+    import open_instruct.attention as attention
 
+    monkeypatch.setattr(attention, "SHORT_ROW", short_row)
     ids, labels = examples()
     batch = collate_packed(ids, labels)
     grads = {}
