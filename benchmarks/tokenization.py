@@ -27,17 +27,8 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TULU_GENERATION = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\\n' }}"
-    "{%- generation -%}{{ message['content'] + eos_token }}{%- endgeneration -%}"
-    "{%- if not loop.last -%}{{ '\\n' }}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
-)
+from open_instruct.chat_templates import TULU_GENERATION  # noqa: E402  (after the path set-up above)
+
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 

@@ -51,17 +51,6 @@ SEED = 0
 
 # The tiny model's tulu template with TRL's `{% generation %}` markers around what our masks train: the assistant
 # content and its eos. It renders exactly the same text as open_instruct.chat_templates.TULU.
-TULU_GENERATION = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\\n' }}"
-    "{%- generation -%}{{ message['content'] + eos_token }}{%- endgeneration -%}"
-    "{%- if not loop.last -%}{{ '\\n' }}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
-)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +144,9 @@ def trl_worker(config_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    sys.path.insert(0, str(REPO))
+    from open_instruct.chat_templates import TULU_GENERATION
 
     cfg = json.loads(config_path.read_text())
     work = Path(cfg["work"])

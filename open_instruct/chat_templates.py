@@ -90,6 +90,21 @@ ZEPHYR = (
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
 
+# Tulu with Hugging Face `{% generation %}` markers around the trained text: renders exactly like TULU, and lets
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` (TRL's assistant_only_loss) find the same tokens our
+# masks train. Not needed by this project's masks; used to compare with TRL.
+TULU_GENERATION = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\\n' }}"
+    "{%- generation -%}{{ message['content'] + eos_token }}{%- endgeneration -%}"
+    "{%- if not loop.last -%}{{ '\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
 CHAT_TEMPLATES: dict[str, str] = {
     "tulu": TULU,
     "simple_chat": SIMPLE_CHAT,
