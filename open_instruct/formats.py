@@ -193,18 +193,23 @@ def convert_messages(row: dict) -> list[dict]:
     return [_keep_role_content(m) for m in _required_list(row, "messages", "{role, content} objects")]
 
 
+def _instruction_pair(row: dict, extra: str, answer: str) -> list[dict]:
+    """user = instruction, plus a blank line and `extra` when that is a non-empty string; assistant = `answer`."""
+    instruction = _required_text(row, "instruction")
+    reply = _required_text(row, answer)
+    return [
+        {"role": "user", "content": _join(instruction, _optional_text(row, extra))},
+        {"role": "assistant", "content": reply},
+    ]
+
+
 def convert_alpaca(row: dict) -> list[dict]:
     """alpaca: `instruction`, optional `input`, `output`.
 
     user = instruction, or instruction + "\\n\\n" + input when input is a non-empty string (an input that is
     missing, None, "" or only whitespace is left out); assistant = output.
     """
-    instruction = _required_text(row, "instruction")
-    output = _required_text(row, "output")
-    return [
-        {"role": "user", "content": _join(instruction, _optional_text(row, "input"))},
-        {"role": "assistant", "content": output},
-    ]
+    return _instruction_pair(row, "input", "output")
 
 
 def convert_dolly(row: dict) -> list[dict]:
@@ -213,12 +218,7 @@ def convert_dolly(row: dict) -> list[dict]:
     user = instruction, or instruction + "\\n\\n" + context when context is a non-empty string (missing, None, ""
     or only whitespace is left out); assistant = response.
     """
-    instruction = _required_text(row, "instruction")
-    response = _required_text(row, "response")
-    return [
-        {"role": "user", "content": _join(instruction, _optional_text(row, "context"))},
-        {"role": "assistant", "content": response},
-    ]
+    return _instruction_pair(row, "context", "response")
 
 
 def convert_openorca(row: dict) -> list[dict]:
