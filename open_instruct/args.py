@@ -94,6 +94,22 @@ class FinetuneArgs:
     gradient_accumulation_steps: int = _field(
         1, "Micro-batches per optimizer step. Global batch = per-device batch x accumulation x processes."
     )
+    global_batch_size: int | None = _field(
+        None,
+        "Examples per optimizer step, whatever the number of processes; they are split over processes and "
+        "--gradient_accumulation_steps micro-steps balancing trained tokens. Replaces --per_device_train_batch_size.",
+    )
+    global_batch_tokens: int | None = _field(
+        None,
+        "A token budget per optimizer step instead of a count of examples: each step takes examples of the shuffled "
+        "epoch while their tokens fit. Replaces --per_device_train_batch_size.",
+    )
+    max_tokens_per_micro_batch: int | None = _field(
+        None,
+        "Padding-free only: each micro-batch is one packed row of at most this many tokens (at least "
+        "--max_seq_length), filled by best-fit-decreasing, so the number of micro-steps per optimizer step follows "
+        "from the data. Needs --global_batch_size or --global_batch_tokens; replaces --gradient_accumulation_steps.",
+    )
     loss_reduction: Literal["mean", "sum"] = _field(
         "mean",
         "mean: the sum of token losses divided by the trained tokens of the whole global batch (every token weighs "
@@ -199,6 +215,10 @@ def validate(args: FinetuneArgs) -> None:
                  "num_train_epochs"):
         if getattr(args, name) < 1:
             errors.append(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("global_batch_size", "global_batch_tokens", "max_tokens_per_micro_batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            errors.append(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    errors += _batch_layout_errors(args)
     if args.max_train_steps is not None and args.max_train_steps < 1:
         errors.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
     if args.learning_rate <= 0:
@@ -240,6 +260,29 @@ def validate(args: FinetuneArgs) -> None:
         errors.append("--hf_repo_id has no effect without --push_to_hub.")
     if errors:
         raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def _batch_layout_errors(args: FinetuneArgs) -> list[str]:
+    """The global batch is given one way, and the micro-batch flags that a layout would ignore are errors."""
+    errors = []
+    by_total = args.global_batch_size is not None or args.global_batch_tokens is not None
+    if args.global_batch_size is not None and args.global_batch_tokens is not None:
+        errors.append("--global_batch_size and --global_batch_tokens are two definitions of the global batch; give one.")
+    if by_total and _changed(args, "per_device_train_batch_size"):
+        errors.append("--per_device_train_batch_size has no effect with --global_batch_size/--global_batch_tokens "
+                      "(the global batch is split over processes and micro-steps by tokens).")
+    if args.max_tokens_per_micro_batch is not None:
+        if not args.padding_free:
+            errors.append("--max_tokens_per_micro_batch packs rows, so it needs --padding_free.")
+        if not by_total:
+            errors.append("--max_tokens_per_micro_batch needs --global_batch_size or --global_batch_tokens.")
+        if _changed(args, "gradient_accumulation_steps"):
+            errors.append("--gradient_accumulation_steps has no effect with --max_tokens_per_micro_batch (the number "
+                          "of packed rows sets the micro-steps).")
+        if args.max_tokens_per_micro_batch < args.max_seq_length:
+            errors.append(f"--max_tokens_per_micro_batch ({args.max_tokens_per_micro_batch}) must be at least "
+                          f"--max_seq_length ({args.max_seq_length}) so every example fits in a row.")
+    return errors
 
 
 def _load_yaml(path: str) -> dict:

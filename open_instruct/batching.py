@@ -1,6 +1,11 @@
 """Global batches first, then micro-batches: the examples in an optimizer step depend only on the seed, the data
-and the global batch size, never on how the batch is split over processes and accumulation steps. The split
-balances tokens over processes and micro-steps (`split_global_batch`).
+and the global batch definition (a number of examples, or a token budget), never on how the batch is split over
+processes and accumulation steps.
+
+`split_global_batch` then gives every process an equal share of trained tokens, and cuts each process's share into
+micro-batches: `grad_accum` token-balanced micro-batches, or (padding-free with a token budget) packed rows of at most
+`micro_batch_tokens` tokens filled by best-fit-decreasing. Every process runs the same number of micro-steps
+(ZeRO-3 gathers weights collectively in each forward); a process with fewer rows runs empty ones.
 
 Collation turns a micro-batch into model inputs plus `target_ids`: the labels shifted left by one *within each
 example*, so a packed row never asks one example to predict the next example's first token.
@@ -8,7 +13,6 @@ example*, so a packed row never asks one example to predict the next example's f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -17,37 +21,94 @@ import torch
 from open_instruct.tokenization import IGNORE_INDEX
 
 
-@dataclass(frozen=True)
 class BatchPlan:
-    """Which examples form optimizer step `step`: epoch-wise seeded shuffles cut into global batches.
+    """Which examples form optimizer step `step`: a seeded shuffle per epoch, cut into global batches of
+    `global_batch_size` examples, or of as many examples as fit in `global_batch_tokens` tokens.
 
-    The last partial global batch of each epoch is dropped, so every step has exactly `global_batch_size`
-    examples and every process runs the same number of forward passes (ZeRO-3 needs that).
+    The last partial global batch of each epoch is dropped (a token-budget batch is partial when the epoch ends
+    before the budget is reached), so every step is a full global batch. With a token budget the number of steps
+    differs a little from epoch to epoch; `steps_in_epoch` says how many.
     """
 
-    num_examples: int
-    global_batch_size: int
-    seed: int
+    def __init__(self, num_examples: int, global_batch_size: int | None, seed: int, *,
+                 global_batch_tokens: int | None = None, lengths: np.ndarray | None = None):
+        if (global_batch_size is None) == (global_batch_tokens is None):
+            raise ValueError("give exactly one of global_batch_size and global_batch_tokens")
+        if global_batch_tokens is not None and (lengths is None or len(lengths) != num_examples):
+            raise ValueError("a token budget per step needs the length of every example")
+        self.num_examples, self.seed = num_examples, seed
+        self.global_batch_size, self.global_batch_tokens = global_batch_size, global_batch_tokens
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+        self._bounds: dict[int, np.ndarray] = {}
+
+    def epoch_bounds(self, epoch: int) -> np.ndarray:
+        """Positions in the epoch's shuffled order where global batches start, plus where the last one ends."""
+        if epoch not in self._bounds:
+            if self.global_batch_size is not None:
+                steps = self.num_examples // self.global_batch_size
+                self._bounds[epoch] = np.arange(steps + 1) * self.global_batch_size
+            else:
+                order = _permutation(self.num_examples, self.seed, epoch)
+                self._bounds[epoch] = _token_budget_bounds(self.lengths[order], self.global_batch_tokens)
+        return self._bounds[epoch]
+
+    def steps_in_epoch(self, epoch: int = 0) -> int:
+        return len(self.epoch_bounds(epoch)) - 1
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_examples // self.global_batch_size
+        """Steps in the first epoch (every epoch, for a batch counted in examples)."""
+        return self.steps_in_epoch(0)
 
-    def dropped_per_epoch(self) -> int:
-        return self.num_examples - self.steps_per_epoch * self.global_batch_size
+    def dropped_per_epoch(self, epoch: int = 0) -> int:
+        return self.num_examples - int(self.epoch_bounds(epoch)[-1])
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within that epoch) of a global step."""
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, step
 
     def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+        return self.locate(step)[0]
+
+    def epochs_done(self, step: int) -> float:
+        """Epochs completed once `step` has run (fractional), for logging."""
+        epoch, index = self.locate(step)
+        return epoch + (index + 1) / self.steps_in_epoch(epoch)
+
+    def ends_epoch(self, step: int) -> bool:
+        epoch, index = self.locate(step)
+        return index + 1 == self.steps_in_epoch(epoch)
 
     def global_batch(self, step: int) -> np.ndarray:
-        order = _permutation(self.num_examples, self.seed, self.epoch_of(step))
-        start = (step % self.steps_per_epoch) * self.global_batch_size
-        return order[start : start + self.global_batch_size]
+        epoch, index = self.locate(step)
+        bounds = self.epoch_bounds(epoch)
+        return _permutation(self.num_examples, self.seed, epoch)[bounds[index] : bounds[index + 1]]
 
 
 @lru_cache(maxsize=2)
 def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def _token_budget_bounds(ordered_lengths: np.ndarray, budget: int) -> np.ndarray:
+    """Greedy cut of examples in order: each batch takes examples while their tokens fit in `budget` (at least one
+    example, even a longer one); a batch the epoch's end leaves short of the budget is not kept."""
+    cumulative = np.concatenate([[0], np.cumsum(ordered_lengths)])
+    bounds, start = [0], 0
+    while start < len(ordered_lengths):
+        end = max(int(np.searchsorted(cumulative, cumulative[start] + budget, side="right")) - 1, start + 1)
+        if end == len(ordered_lengths) and cumulative[end] - cumulative[start] < budget:
+            break  # the epoch ran out before this batch was full
+        bounds.append(end)
+        start = end
+    return np.asarray(bounds, dtype=np.int64)
 
 
 def _least_loaded_first(items: np.ndarray, weights: np.ndarray, bins: int) -> list[list[int]]:
@@ -61,22 +122,47 @@ def _least_loaded_first(items: np.ndarray, weights: np.ndarray, bins: int) -> li
     return [sorted(bin_items) for bin_items in assignment]
 
 
-def split_global_batch(global_batch: np.ndarray, lengths: np.ndarray, num_processes: int,
-                       grad_accum: int) -> list[list[list[int]]]:
+def best_fit_decreasing(items: np.ndarray, weights: np.ndarray, capacity: int) -> list[list[int]]:
+    """Pack items into as few bins of `capacity` as best-fit-decreasing finds: largest item first, into the fullest
+    bin it still fits in, else a new bin (an item larger than the capacity gets a bin of its own). Deterministic."""
+    remaining: list[int] = []
+    bins: list[list[int]] = []
+    for position in np.lexsort((items, -weights)):
+        weight = int(weights[position])
+        fitting = [b for b, space in enumerate(remaining) if space >= weight]
+        if fitting:
+            target = min(fitting, key=lambda b: remaining[b])
+        else:
+            target = len(bins)
+            bins.append([])
+            remaining.append(capacity)
+        bins[target].append(int(items[position]))
+        remaining[target] -= weight
+    return [sorted(b) for b in bins]
+
+
+def split_global_batch(global_batch: np.ndarray, lengths: np.ndarray, num_processes: int, grad_accum: int, *,
+                       trained: np.ndarray | None = None,
+                       micro_batch_tokens: int | None = None) -> list[list[list[int]]]:
     """[process][micro-step] -> example indices for one global batch.
 
-    Processes get equal shares of tokens (compute), largest example first into the least-loaded process; each
-    process's share is then split the same way into `grad_accum` micro-batches, so every process runs the same number
-    of forward passes (ZeRO-3 needs that) and no micro-batch is much longer than the others. A pure function of the
-    global batch and the example lengths: every process computes the whole plan locally, without communication.
+    Processes get equal shares of trained tokens (`trained`; tokens when not given): largest example first into the
+    least-loaded process. Each process's share is then cut into micro-batches: `grad_accum` of them balanced by
+    tokens the same way, or, with `micro_batch_tokens`, as few packed rows of at most that many tokens as
+    best-fit-decreasing finds. Every process gets the same number of micro-steps (empty ones where a process has
+    fewer rows): ZeRO-3 needs the same number of forward passes everywhere. A pure function of the global batch and
+    the example lengths: every process computes the whole plan locally, without communication.
     """
-    weights = lengths[global_batch]
-    shares = _least_loaded_first(global_batch, weights, num_processes)
-    plan = []
-    for share in shares:
-        share = np.asarray(share, dtype=np.int64)
-        plan.append(_least_loaded_first(share, lengths[share], grad_accum) if len(share) else [[] for _ in range(grad_accum)])
-    return plan
+    balance_by = lengths if trained is None else trained
+    shares = [np.asarray(s, dtype=np.int64)
+              for s in _least_loaded_first(global_batch, balance_by[global_batch], num_processes)]
+    if micro_batch_tokens is None:
+        plan = [_least_loaded_first(s, lengths[s], grad_accum) if len(s) else [[] for _ in range(grad_accum)]
+                for s in shares]
+    else:
+        plan = [best_fit_decreasing(s, lengths[s], micro_batch_tokens) for s in shares]
+    micro_steps = max(len(micro) for micro in plan)
+    return [micro + [[] for _ in range(micro_steps - len(micro))] for micro in plan]
 
 
 def targets_for(labels: np.ndarray) -> np.ndarray:

@@ -410,7 +410,7 @@ def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: Enc
     stats.kept_rows = len(kept)
     stats.tokens = int(_column(encoded, "num_tokens").sum())
     stats.trained_tokens = int(_column(encoded, "num_trained_tokens").sum())
-    return encoded.select(kept).select_columns(["input_ids", "labels", "num_tokens"]), stats
+    return encoded.select(kept).select_columns(["input_ids", "labels", "num_tokens", "num_trained_tokens"]), stats
 
 
 def _column(dataset, name: str) -> np.ndarray:
@@ -465,6 +465,7 @@ class TokenizedMixture:
         self.dataset = dataset.with_format("numpy")
         self.stats = stats
         self.lengths = _column(dataset, "num_tokens").astype(np.int64)
+        self.trained_lengths = _column(dataset, "num_trained_tokens").astype(np.int64)  # positions with a loss
 
     def __len__(self) -> int:
         return len(self.dataset)

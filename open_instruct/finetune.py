@@ -141,14 +141,20 @@ def model_dtype(accelerator: Accelerator) -> torch.dtype:
 
 
 def make_plan(args: FinetuneArgs, accelerator: Accelerator, mixture: TokenizedMixture) -> tuple[BatchPlan, int]:
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    plan = BatchPlan(len(mixture), global_batch, args.seed)
+    if args.global_batch_tokens is not None:
+        plan = BatchPlan(len(mixture), None, args.seed, global_batch_tokens=args.global_batch_tokens,
+                         lengths=mixture.lengths)
+        size = f"{args.global_batch_tokens} tokens"
+    else:
+        examples = args.global_batch_size or (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)
+        plan, size = BatchPlan(len(mixture), examples, args.seed), f"{examples} examples"
     if plan.steps_per_epoch == 0:
         raise ValueError(
-            f"The mixture has {len(mixture)} examples, fewer than one global batch ({global_batch} = per-device batch "
-            f"x gradient accumulation x {accelerator.num_processes} processes). Add data or shrink the batch."
+            f"The mixture has {len(mixture)} examples ({int(mixture.lengths.sum())} tokens), less than one global batch "
+            f"({size}). Add data or shrink the global batch."
         )
-    total_steps = args.max_train_steps or args.num_train_epochs * plan.steps_per_epoch
+    total_steps = args.max_train_steps or plan.total_steps(args.num_train_epochs)
     return plan, total_steps
 
 
@@ -158,8 +164,10 @@ def make_plan(args: FinetuneArgs, accelerator: Accelerator, mixture: TokenizedMi
 def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: FinetuneArgs, accelerator: Accelerator,
                   pad_id: int) -> list[dict]:
     """This process's micro-batches of optimizer step `step` (see batching.split_global_batch)."""
+    row_tokens = args.max_tokens_per_micro_batch if args.padding_free else None
     split = split_global_batch(plan.global_batch(step), mixture.lengths, accelerator.num_processes,
-                               args.gradient_accumulation_steps)
+                               args.gradient_accumulation_steps, trained=mixture.trained_lengths,
+                               micro_batch_tokens=row_tokens)
     return [collate(*mixture.examples(share), args.padding_free, pad_id) if share else collate([], [], True, pad_id)
             for share in split[accelerator.process_index]]
 
@@ -176,6 +184,10 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
               else [None] * len(batches))
     loss_sum_local = torch.zeros((), device=accelerator.device)
     grad_norm = None
+    # The micro-steps of this optimizer step (fixed, or as many packed rows as the data needs): accelerate syncs and
+    # steps after the last one.
+    accelerator.gradient_accumulation_steps, accelerator.step = len(batches), 0
+    divisor = backward_divisor(accelerator, len(batches))
     model.train()
     for batch, num_chunks in zip(batches, chunks):
         with accelerator.accumulate(model):
@@ -187,7 +199,7 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
             else:
                 loss_sum = token_loss_sum(model(**inputs, use_cache=False).logits, targets)
             accelerator.backward(
-                scale_for_backward(loss_sum, normalizer, accelerator.num_processes, args.gradient_accumulation_steps)
+                scale_for_backward(loss_sum, normalizer, accelerator.num_processes, divisor)
             )
             if accelerator.sync_gradients and args.clip_grad_norm > 0:
                 # The norm before clipping (DeepSpeed clips inside its step and reports the same quantity).
@@ -200,11 +212,19 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
             "tokens_with_padding": tokens_with_padding}
 
 
+def backward_divisor(accelerator: Accelerator, micro_steps: int) -> int:
+    """What `accelerator.backward` divides each micro-step's loss by: DeepSpeed's configured accumulation steps (it
+    scales in its own backward), else accelerate's current accumulation steps (this step's micro-step count)."""
+    if accelerator.state.deepspeed_plugin is not None:
+        return int(accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"])
+    return micro_steps
+
+
 def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, counters: RunCounters) -> dict:
     """One metrics.jsonl line (definitions in docs/finetune.md)."""
     record = {
         "step": step + 1,
-        "epoch": (step + 1) / plan.steps_per_epoch,
+        "epoch": plan.epochs_done(step),
         "learning_rate": learning_rate,
         "train_loss": result["train_loss"],
         "total_tokens": counters.total_tokens,
@@ -230,7 +250,7 @@ def loss_chunks_per_micro_batch(accelerator: Accelerator, batches: list[dict], c
 def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
     done = step + 1
     if args.checkpoint_every_epoch:
-        return done % plan.steps_per_epoch == 0
+        return plan.ends_epoch(step)
     every = args.checkpoint_every_n_steps
     return every is not None and done % every == 0
 
@@ -254,8 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     with accelerator.main_process_first(), accelerator.local_main_process_first():
         mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None)
     plan, total_steps = make_plan(args, accelerator, mixture)
-    logger.info("%d examples, global batch %d, %d steps per epoch (%d examples left out of each epoch), %d steps.",
-                len(mixture), plan.global_batch_size, plan.steps_per_epoch, plan.dropped_per_epoch(), total_steps)
+    logger.info("%d examples, global batch %s, %d steps in the first epoch (%d examples left out of it), %d steps.",
+                len(mixture), plan.global_batch_size or f"{plan.global_batch_tokens} tokens", plan.steps_per_epoch,
+                plan.dropped_per_epoch(), total_steps)
     if accelerator.is_main_process:
         stats = [vars(s) for s in mixture.stats]
         (output / "dataset_stats.json").write_text(json.dumps(stats, indent=2))

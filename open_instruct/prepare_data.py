@@ -37,7 +37,7 @@ from open_instruct.data import (
 )
 from open_instruct.tokenization import IGNORE_INDEX
 
-CACHE_VERSION = "2"  # bump when the meaning of a cached example changes
+CACHE_VERSION = "3"  # bump when the meaning of a cached example changes
 COMPLETED_MARKER = "COMPLETED"
 
 

@@ -174,6 +174,14 @@ def test_config_flag_without_path_raises():
         (["--wandb_entity", "x"], "--wandb_entity"),
         (["--wandb_project_name", "p"], "--wandb_project_name"),
         (["--hf_repo_id", "org/name"], "--hf_repo_id"),
+        (["--global_batch_size", "64", "--per_device_train_batch_size", "4"], "--per_device_train_batch_size"),
+        (["--global_batch_tokens", "9000", "--per_device_train_batch_size", "4"], "--per_device_train_batch_size"),
+        (["--global_batch_size", "64", "--global_batch_tokens", "9000"], "--global_batch_tokens"),
+        (["--max_tokens_per_micro_batch", "4096"], "needs --global_batch_size"),
+        (["--global_batch_size", "64", "--max_tokens_per_micro_batch", "4096", "--no_padding_free"], "--padding_free"),
+        (["--global_batch_size", "64", "--max_tokens_per_micro_batch", "4096", "--gradient_accumulation_steps", "2"],
+         "--gradient_accumulation_steps"),
+        (["--global_batch_size", "64", "--max_tokens_per_micro_batch", "1000"], "--max_seq_length"),
     ],
 )
 def test_ignored_flags_are_errors(extra, flag, capsys):
@@ -189,6 +197,8 @@ def test_ignored_flags_are_errors(extra, flag, capsys):
         ["--lr_scheduler_type", "constant_with_warmup", "--warmup_ratio", "0.1"],
         ["--with_tracking", "--wandb_entity", "x"],
         ["--push_to_hub", "--hf_repo_id", "org/name"],
+        ["--global_batch_size", "64", "--gradient_accumulation_steps", "4"],
+        ["--global_batch_tokens", "65536", "--max_tokens_per_micro_batch", "4096", "--max_seq_length", "4096"],
     ],
 )
 def test_the_same_flags_are_accepted_where_they_apply(extra):
@@ -206,6 +216,7 @@ def test_the_same_flags_are_accepted_where_they_apply(extra):
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
         (["--max_seq_length", "0"], "--max_seq_length"),
+        (["--global_batch_tokens", "0"], "--global_batch_tokens"),
         (["--learning_rate", "0"], "--learning_rate"),
         (["--max_train_steps", "0"], "--max_train_steps"),
         (["--clip_grad_norm", "0"], "--clip_grad_norm"),

@@ -8,6 +8,7 @@ import torch
 
 from open_instruct.batching import (
     BatchPlan,
+    best_fit_decreasing,
     collate,
     collate_packed,
     collate_padded,
@@ -112,6 +113,91 @@ def test_global_batch_is_the_same_when_steps_are_visited_out_of_order():
     forward = [plan.global_batch(s).tolist() for s in range(21)]
     backward = [plan.global_batch(s).tolist() for s in reversed(range(21))][::-1]
     assert forward == backward
+
+
+# --- token budgets ----------------------------------------------------------------------------------------------
+
+
+def test_token_budget_plan_literal():
+    lengths = np.array([5, 3, 4, 2, 6, 1])
+    plan = BatchPlan(6, None, seed=0, global_batch_tokens=8, lengths=lengths)
+    order = np.random.default_rng([0, 0]).permutation(6)
+    batches = [plan.global_batch(s).tolist() for s in range(plan.steps_per_epoch)]
+    assert np.concatenate(batches).tolist() == order[: sum(len(b) for b in batches)].tolist()  # consecutive, in order
+    for batch in batches:
+        assert lengths[batch].sum() <= 8
+    # Greedy: a batch stops only because the next example would not fit (or the epoch ends, and then it is dropped).
+    for batch, following in zip(batches, batches[1:]):
+        assert lengths[batch].sum() + lengths[following[0]] > 8
+
+
+def test_token_budget_keeps_an_example_longer_than_the_budget_and_drops_a_short_tail():
+    plan = BatchPlan(3, None, 0, global_batch_tokens=10, lengths=np.array([30, 4, 4]))
+    batches = [plan.global_batch(s).tolist() for s in range(plan.steps_per_epoch)]
+    assert [0] in batches  # 30 tokens alone: too long for the budget, still one step
+    assert sum(len(b) for b in batches) + plan.dropped_per_epoch() == 3  # the rest is the dropped short tail
+    assert plan.dropped_per_epoch() in (0, 1, 2)
+
+
+def test_token_budget_epochs_may_differ_in_steps_and_steps_map_back():
+    lengths = np.random.default_rng(1).integers(10, 500, size=200)
+    plan = BatchPlan(200, None, seed=4, global_batch_tokens=2000, lengths=lengths)
+    per_epoch = [plan.steps_in_epoch(e) for e in range(4)]
+    assert plan.total_steps(4) == sum(per_epoch)
+    step = 0
+    for epoch, count in enumerate(per_epoch):
+        seen = []
+        for index in range(count):
+            assert plan.locate(step) == (epoch, index)
+            assert plan.ends_epoch(step) == (index == count - 1)
+            seen += plan.global_batch(step).tolist()
+            step += 1
+        assert len(seen) == len(set(seen))  # each example at most once per epoch
+        assert plan.epochs_done(step - 1) == epoch + 1
+
+
+def test_token_budget_batches_do_not_depend_on_layout():
+    lengths = np.random.default_rng(2).integers(10, 500, size=120)
+    trained = lengths // 2
+    plan = BatchPlan(120, None, seed=3, global_batch_tokens=3000, lengths=lengths)
+    for step in range(plan.steps_per_epoch):
+        batch = sorted(plan.global_batch(step).tolist())
+        for processes, accum, rows in [(1, 4, None), (2, 2, None), (3, 1, None), (1, 1, 600), (4, 1, 600)]:
+            split = split_global_batch(plan.global_batch(step), lengths, processes, accum, trained=trained,
+                                       micro_batch_tokens=rows)
+            assert sorted(i for micro in split for share in micro for i in share) == batch
+
+
+def test_best_fit_decreasing_literal():
+    # Sizes 6, 5, 4, 3, 2 into 10: 6 opens a bin, 5 opens one, 4 fits best into 6's (4 left), 3 into 5's (2 left),
+    # 2 into the fullest bin that still has room (5+3, 2 left).
+    weights = np.array([6, 5, 4, 3, 2])
+    assert best_fit_decreasing(np.arange(5), weights, 10) == [[0, 2], [1, 3, 4]]
+    assert best_fit_decreasing(np.arange(2), np.array([12, 3]), 10) == [[0], [1]]  # too long: a bin of its own
+
+
+def test_packed_rows_respect_the_budget_and_processes_get_equal_micro_steps():
+    lengths = np.random.default_rng(5).integers(10, 900, size=64)
+    trained = np.random.default_rng(6).integers(1, 10, size=64) * lengths // 10
+    split = split_global_batch(np.arange(64), lengths, 4, 1, trained=trained, micro_batch_tokens=1024)
+    assert len({len(micro) for micro in split}) == 1  # the same number of micro-steps on every process
+    for micro in split:
+        for share in micro:
+            assert lengths[share].sum() <= 1024
+        nonempty = [share for share in micro if share]
+        # best fit leaves at most one row per process under half full
+        assert sum(lengths[share].sum() <= 512 for share in nonempty) <= 1
+
+
+def test_processes_get_balanced_trained_tokens():
+    lengths = np.full(40, 100)
+    trained = np.random.default_rng(7).integers(1, 100, size=40)
+    split = split_global_batch(np.arange(40), lengths, 4, 2, trained=trained)
+    per_process = [sum(trained[i] for share in micro for i in share) for micro in split]
+    assert max(per_process) - min(per_process) <= trained.max()  # largest-first into the least loaded
+    by_tokens = split_global_batch(np.arange(40), lengths, 4, 2)  # all lengths equal: tokens cannot balance this
+    per_process_tokens = [sum(trained[i] for share in micro for i in share) for micro in by_tokens]
+    assert max(per_process) - min(per_process) <= max(per_process_tokens) - min(per_process_tokens)
 
 
 # --- collation -----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, clean_env, finetune, read_metrics, run, with_cache_dir
+from conftest import REPO, accelerate_launch, clean_env, finetune, read_metrics, run, with_cache_dir
 
 pytestmark = pytest.mark.multiprocess
 
@@ -67,3 +67,21 @@ def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp
     tokenizer = AutoTokenizer.from_pretrained(two)
     ids = tokenizer("<|user|>\nSpell the word: cat\n<|assistant|>\n", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_packed_rows_under_zero3_match_one_process(tiny_model_dir, tmp_path):
+    """--max_tokens_per_micro_batch under ZeRO-3: each process packs its share into as many <=256-token rows as it
+    needs, the processes pad to the same number of micro-steps with empty rows, and the result is the 1-process run's:
+    the micro-step count varies per step and per process, which also exercises accelerate/DeepSpeed's accumulation
+    boundary being set from the data rather than from a fixed --gradient_accumulation_steps."""
+    args = ["--model_name_or_path", str(tiny_model_dir), "--dataset_mixer_list", "synthetic:spelling", "64",
+            "synthetic:arithmetic", "64", "--max_seq_length", "256", "--global_batch_size", "16",
+            "--max_tokens_per_micro_batch", "256", "--max_train_steps", "4", "--learning_rate", "1e-3",
+            "--clip_grad_norm", "1.0", "--seed", "3", "--warmup_ratio", "0.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune([*args, "--output_dir", str(one)])
+    accelerate_launch(2, [*args, "--output_dir", str(two)], ZERO3)
+    for a, b in zip(read_metrics(one), read_metrics(two), strict=True):
+        assert a["total_tokens"] == b["total_tokens"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

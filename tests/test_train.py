@@ -254,3 +254,31 @@ def test_use_liger_kernel_trains_identically_with_the_chunked_loss(tiny_model_di
         assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
     assert not any(name.startswith("lm.") for name, _ in model.named_parameters())
+
+
+def layout_args(model_dir, output_dir, steps, *extra):
+    """base_args' data and optimizer with the global batch given as a total (no per-device batch)."""
+    return ["--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+            "--dataset_mixer_list", "synthetic:spelling", "96", "synthetic:arithmetic", "32", "--max_seq_length", "256",
+            "--learning_rate", "2e-3", "--max_train_steps", str(steps), "--seed", "1", "--clip_grad_norm", "1e9", *extra]
+
+
+def test_packed_rows_of_a_token_budget_train_like_fixed_micro_batches(tiny_model_dir, tmp_path):
+    """The same 12-example global batches, cut into 3 balanced micro-batches or into as many <=256-token rows as
+    best-fit-decreasing needs: identical losses and gradients (the normalizer is the global batch's trained tokens)."""
+    finetune(layout_args(tiny_model_dir, tmp_path / "fixed", 3, "--global_batch_size", "12",
+                         "--gradient_accumulation_steps", "3"))
+    finetune(layout_args(tiny_model_dir, tmp_path / "rows", 3, "--global_batch_size", "12",
+                         "--max_tokens_per_micro_batch", "256"))
+    for fixed, rows in zip(read_metrics(tmp_path / "fixed"), read_metrics(tmp_path / "rows"), strict=True):
+        assert rows["total_tokens"] == fixed["total_tokens"]
+        assert rows["train_loss"] == pytest.approx(fixed["train_loss"], abs=1e-6)
+        assert rows["grad_norm"] == pytest.approx(fixed["grad_norm"], rel=1e-5)
+
+
+def test_global_batch_tokens_fills_each_step_to_the_budget(tiny_model_dir, tmp_path):
+    finetune(layout_args(tiny_model_dir, tmp_path / "run", 5, "--global_batch_tokens", "700",
+                         "--max_tokens_per_micro_batch", "256"))
+    totals = [0] + [m["total_tokens"] for m in read_metrics(tmp_path / "run")]
+    per_step = [b - a for a, b in zip(totals, totals[1:])]
+    assert len(per_step) == 5 and all(700 - 256 < tokens <= 700 for tokens in per_step), per_step
