@@ -5,14 +5,19 @@ block-diagonal mask that transformers builds for packed rows still computes the 
 masks most of it away, which makes packing slower than padding on a CPU. This implementation finds the examples
 from the position_ids that restart at 0, runs causal SDPA on each one (no mask tensor at all) and concatenates the
 results: the same values as flash-attention varlen, on any device. Short rows (up to SHORT_ROW tokens), where one
-call beats a call per example, take a single SDPA call with a block-diagonal causal mask built from position_ids. Anything else (padded batches with an attention
-mask, decoding with a KV cache) goes to transformers' own SDPA path unchanged.
+call beats a call per example, take a single SDPA call with a block-diagonal causal mask built from position_ids.
+On CUDA in bf16/fp16, where PyTorch ships flash-attention's varlen kernel (`torch.nn.attention.varlen`, PyTorch >=
+2.10), every row takes one varlen call with the examples' cumulative lengths instead: no flash-attn package needed.
+Anything else (padded batches with an attention mask, decoding with a KV cache) goes to transformers' own SDPA path
+unchanged.
 
 Registered with transformers' AttentionInterface on import, so `attn_implementation="packed_sdpa"` works in
 `from_pretrained` like a built-in kernel. The saved config records `sdpa`, so a trained model loads anywhere.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,11 @@ NAME = "packed_sdpa"
 # Up to this many tokens a row takes one SDPA call with a block-diagonal causal mask (cheap at this size, and one call
 # instead of one per example); longer rows run SDPA per example, where the (sum L_i)^2 score matrix would dominate.
 SHORT_ROW = 1024
+
+try:  # PyTorch >= 2.10: flash-attention's varlen forward and backward, CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 def example_starts(position_ids: torch.Tensor) -> torch.Tensor:
@@ -53,6 +63,9 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    dtype = varlen_dtype(query)
+    if dtype is not None and dropout == 0.0:
+        return varlen_forward(*(x.to(dtype) for x in (query, key, value)), position_ids, scaling), None
     position_ids = position_ids.expand(query.shape[0], -1)
     gqa = key.shape[1] != query.shape[1]
     if query.shape[2] <= SHORT_ROW:
@@ -70,6 +83,60 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         ]
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def varlen_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The half-precision dtype to run the varlen kernel in, or None where it cannot run.
+
+    Under autocast that is autocast's dtype, whatever the query's: with fp32 weights (accelerate's bf16 mixed
+    precision) Llama's RoPE multiplies the bf16 projections by fp32 cos/sin and hands us fp32 queries and keys.
+    Testing the query's own dtype sent every such forward to the per-example fp32 path: measured 12x slower on an
+    H100 (docs/benchmarks.md). SDPA itself casts to autocast's dtype, so this computes what SDPA would.
+    """
+    if varlen_attn is None or not query.is_cuda:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+_cu_seq_lens_cache: list = [None, None, 0]  # (position_ids, cu_seq_lens, max_length): every layer gets the same tensor
+
+
+def cu_seq_lens(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+    """Cumulative example lengths over all `rows` rows flattened ([0, l1, l1 + l2, ...], int32) and the longest
+    example. A new row always starts a new example."""
+    if _cu_seq_lens_cache[0] is position_ids:
+        return _cu_seq_lens_cache[1], _cu_seq_lens_cache[2]
+    starts = example_starts(position_ids.expand(rows, -1))
+    starts[:, 0] = True
+    flat = starts.reshape(-1)
+    bounds = torch.cat([flat.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)])
+    cu = bounds.to(torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())  # one host sync per forward, not per layer (cached)
+    _cu_seq_lens_cache[:] = [position_ids, cu, longest]
+    return cu, longest
+
+
+def varlen_forward(query, key, value, position_ids, scaling) -> torch.Tensor:
+    """[B, H, T, D] inputs -> [B, T, H, D], causal within each example, one flash-attention varlen call."""
+    batch, heads, length, dim = query.shape
+    if key.shape[1] != heads and not _VARLEN_PARAMS.get("enable_gqa"):
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
+    cu, longest = cu_seq_lens(position_ids, batch)
+    options = {"scale": scaling}
+    if _VARLEN_PARAMS.get("enable_gqa"):
+        options["enable_gqa"] = k.shape[1] != heads
+    if _VARLEN_PARAMS.get("is_causal"):
+        options["is_causal"] = True
+    else:
+        options["window_size"] = (-1, 0)  # newer API: causal is a window with nothing to the right
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+    return out.reshape(batch, length, heads, dim)
+
+
+_VARLEN_PARAMS = {name: True for name in inspect.signature(varlen_attn).parameters} if varlen_attn else {}
 
 
 def packed_sdpa_mask(*args, **kwargs):

@@ -141,22 +141,31 @@ def best_fit_decreasing(items: np.ndarray, weights: np.ndarray, capacity: int) -
     return [sorted(b) for b in bins]
 
 
+def _similar_lengths(items: np.ndarray, weights: np.ndarray, groups: int) -> list[list[int]]:
+    """`groups` groups of near-equal size, consecutive in length order (ties: example index)."""
+    ordered = items[np.lexsort((items, weights))]
+    return [sorted(int(i) for i in group) for group in np.array_split(ordered, groups)]
+
+
 def split_global_batch(global_batch: np.ndarray, lengths: np.ndarray, num_processes: int, grad_accum: int, *,
-                       trained: np.ndarray | None = None,
-                       micro_batch_tokens: int | None = None) -> list[list[list[int]]]:
+                       trained: np.ndarray | None = None, micro_batch_tokens: int | None = None,
+                       padded: bool = False) -> list[list[list[int]]]:
     """[process][micro-step] -> example indices for one global batch.
 
     Processes get equal shares of trained tokens (`trained`; tokens when not given): largest example first into the
     least-loaded process. Each process's share is then cut into micro-batches: `grad_accum` of them balanced by
     tokens the same way, or, with `micro_batch_tokens`, as few packed rows of at most that many tokens as
-    best-fit-decreasing finds. Every process gets the same number of micro-steps (empty ones where a process has
+    best-fit-decreasing finds, or, `padded`, `grad_accum` groups of similar lengths (a padded micro-batch costs its
+    longest example times its size, so mixing long and short examples would mostly compute padding). Every process gets the same number of micro-steps (empty ones where a process has
     fewer rows): ZeRO-3 needs the same number of forward passes everywhere. A pure function of the global batch and
     the example lengths: every process computes the whole plan locally, without communication.
     """
     balance_by = lengths if trained is None else trained
     shares = [np.asarray(s, dtype=np.int64)
               for s in _least_loaded_first(global_batch, balance_by[global_batch], num_processes)]
-    if micro_batch_tokens is None:
+    if padded:
+        plan = [_similar_lengths(s, lengths[s], grad_accum) for s in shares]
+    elif micro_batch_tokens is None:
         plan = [_least_loaded_first(s, lengths[s], grad_accum) if len(s) else [[] for _ in range(grad_accum)]
                 for s in shares]
     else:

@@ -189,6 +189,15 @@ def test_packed_rows_respect_the_budget_and_processes_get_equal_micro_steps():
         assert sum(lengths[share].sum() <= 512 for share in nonempty) <= 1
 
 
+def test_padded_micro_batches_group_similar_lengths():
+    lengths = np.array([400, 10, 12, 390, 11, 380, 13, 14])
+    split = split_global_batch(np.arange(8), lengths, 1, 2, padded=True)
+    assert split == [[[1, 2, 4, 6], [0, 3, 5, 7]]]  # the four short ones together, the long ones together
+    padded_positions = sum(len(share) * lengths[share].max() for share in split[0])
+    mixed = split_global_batch(np.arange(8), lengths, 1, 2)  # token-balanced: a long example in each
+    assert padded_positions < sum(len(share) * lengths[share].max() for share in mixed[0])
+
+
 def test_processes_get_balanced_trained_tokens():
     lengths = np.full(40, 100)
     trained = np.random.default_rng(7).integers(1, 100, size=40)

@@ -109,3 +109,61 @@ def test_packed_logits_flash_attention_bf16():
 @pytest.mark.gpu
 def test_packed_logits_sdpa_cuda_bf16():
     assert_packed_equals_separate(tiny_llama("sdpa", dtype=torch.bfloat16, device="cuda"), device="cuda", atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_packed_sdpa_cuda_bf16_logits_and_gradients_match_per_example():
+    """The trainer's default on a GPU without flash-attn: packed_sdpa, which takes PyTorch's flash varlen kernel in
+    bf16 where it exists. Logits and gradients of a packed row equal those of each example alone (bf16 noise)."""
+    from open_instruct import attention
+
+    model = tiny_llama(attention.NAME, dtype=torch.bfloat16, device="cuda")
+    assert_packed_equals_separate(model, device="cuda", atol=2e-2)
+    ids, labels = examples((40, 300, 7, 1200))  # one example past SHORT_ROW-sized rows, as in real packing
+    batch = collate_packed(ids, labels)
+    model.zero_grad()
+    model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False).logits.float().square().mean().backward()
+    packed = {name: p.grad.float().clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    total = sum(len(x) for x in ids)
+    for x in ids:
+        logits = model(input_ids=torch.from_numpy(x.astype(np.int64))[None].cuda(), use_cache=False).logits.float()
+        (logits.square().sum() / (total * logits.shape[-1])).backward()
+    for name, p in model.named_parameters():
+        reference = p.grad.float()
+        assert (packed[name] - reference).norm() <= 2e-2 * reference.norm() + 1e-6, name
+
+
+@pytest.mark.gpu
+def test_packed_sdpa_takes_the_varlen_kernel_under_autocast_with_fp32_weights(monkeypatch):
+    """accelerate's bf16 mixed precision keeps fp32 weights, and Llama's RoPE then returns fp32 queries and keys: the
+    varlen kernel must still run (in autocast's dtype), not the per-example fp32 fallback (a 12x slowdown on an H100)."""
+    from open_instruct import attention
+
+    if attention.varlen_attn is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    calls = []
+    real = attention.varlen_attn
+    monkeypatch.setattr(attention, "varlen_attn", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    model = tiny_llama(attention.NAME, dtype=torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert_packed_equals_separate(model, device="cuda", atol=3e-2)
+    assert calls and set(calls) == {torch.bfloat16}
+
+
+def test_varlen_dtype_follows_autocast_not_the_fp32_query(monkeypatch):
+    """The decision behind the GPU test above, checkable without a GPU: an fp32 query under bf16 autocast on CUDA
+    takes the varlen kernel in bf16; without autocast an fp32 query does not; off CUDA never."""
+    from types import SimpleNamespace
+
+    from open_instruct import attention
+
+    monkeypatch.setattr(attention, "varlen_attn", object())
+    cuda_fp32 = SimpleNamespace(is_cuda=True, dtype=torch.float32)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.bfloat16)
+    assert attention.varlen_dtype(cuda_fp32) == torch.bfloat16
+    assert attention.varlen_dtype(SimpleNamespace(is_cuda=False, dtype=torch.bfloat16)) is None
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: False)
+    assert attention.varlen_dtype(cuda_fp32) is None
+    assert attention.varlen_dtype(SimpleNamespace(is_cuda=True, dtype=torch.float16)) == torch.float16

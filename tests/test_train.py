@@ -282,3 +282,17 @@ def test_global_batch_tokens_fills_each_step_to_the_budget(tiny_model_dir, tmp_p
     totals = [0] + [m["total_tokens"] for m in read_metrics(tmp_path / "run")]
     per_step = [b - a for a, b in zip(totals, totals[1:])]
     assert len(per_step) == 5 and all(700 - 256 < tokens <= 700 for tokens in per_step), per_step
+
+
+@pytest.mark.gpu
+def test_trainer_on_cuda_with_liger_and_packed_rows(tiny_model_dir, tmp_path):
+    """bf16 autocast on a GPU, Liger's kernels and the chunked loss, packed rows: trains like the plain run."""
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    common = ("--global_batch_size", "12", "--max_tokens_per_micro_batch", "256")
+    env = clean_env(ACCELERATE_MIXED_PRECISION="bf16")
+    finetune(layout_args(tiny_model_dir, plain, 20, *common), env=env)
+    result = finetune(layout_args(tiny_model_dir, fused, 20, *common, "--use_liger_kernel"), env=env)
+    assert "Liger needs CUDA" not in result.stderr
+    a, b = losses(plain), losses(fused)
+    assert b[-1] < 0.7 * b[0]
+    assert b == pytest.approx(a, rel=2e-2)
