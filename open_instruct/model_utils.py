@@ -121,7 +121,7 @@ class ChunkedLossModel(torch.nn.Module):
     layer through its module hooks each time a chunk calls it. Without target_ids it behaves like the wrapped model.
     """
 
-    def __init__(self, lm, chunk_size: int = 4096):
+    def __init__(self, lm, chunk_size: int = 1024):
         super().__init__()
         self.lm, self.chunk_size = lm, chunk_size
 
