@@ -213,15 +213,12 @@ def validate(args: FinetuneArgs) -> None:
         errors.append("--dataset_mixer_list (or --dataset_mixer_file) is required, e.g. "
                       "--dataset_mixer_list synthetic:spelling 1.0")
     for name in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "num_train_epochs"):
-        if getattr(args, name) < 1:
-            errors.append(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    for name in ("global_batch_size", "global_batch_tokens", "max_tokens_per_micro_batch"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            errors.append(f"--{name} must be at least 1, got {getattr(args, name)}.")
+                 "num_train_epochs", "max_train_steps", "global_batch_size", "global_batch_tokens",
+                 "max_tokens_per_micro_batch"):
+        value = getattr(args, name)  # the optional ones are None when not given
+        if value is not None and value < 1:
+            errors.append(f"--{name} must be at least 1, got {value}.")
     errors += _batch_layout_errors(args)
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        errors.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
     if args.learning_rate <= 0:
         errors.append(f"--learning_rate must be positive, got {args.learning_rate}.")
     if args.loss_chunk_size < 1:

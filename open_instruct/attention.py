@@ -90,8 +90,8 @@ def varlen_dtype(query: torch.Tensor) -> torch.dtype | None:
 
     Under autocast that is autocast's dtype, whatever the query's: with fp32 weights (accelerate's bf16 mixed
     precision) Llama's RoPE multiplies the bf16 projections by fp32 cos/sin and hands us fp32 queries and keys.
-    Testing the query's own dtype sent every such forward to the per-example fp32 path: measured 12x slower on an
-    H100 (docs/benchmarks.md). SDPA itself casts to autocast's dtype, so this computes what SDPA would.
+    Testing the query's own dtype sent every such forward to the per-example fp32 path: measured about 13x slower on
+    an H100 (docs/benchmarks.md). SDPA itself casts to autocast's dtype, so this computes what SDPA would.
     """
     if varlen_attn is None or not query.is_cuda:
         return None
@@ -107,9 +107,7 @@ def cu_seq_lens(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, in
     example. A new row always starts a new example."""
     if _cu_seq_lens_cache[0] is position_ids:
         return _cu_seq_lens_cache[1], _cu_seq_lens_cache[2]
-    starts = example_starts(position_ids.expand(rows, -1))
-    starts[:, 0] = True
-    flat = starts.reshape(-1)
+    flat = example_starts(position_ids.expand(rows, -1)).reshape(-1)  # every row's first token starts an example
     bounds = torch.cat([flat.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)])
     cu = bounds.to(torch.int32)
     longest = int((bounds[1:] - bounds[:-1]).max())  # one host sync per forward, not per layer (cached)
@@ -120,15 +118,15 @@ def cu_seq_lens(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, in
 def varlen_forward(query, key, value, position_ids, scaling) -> torch.Tensor:
     """[B, H, T, D] inputs -> [B, T, H, D], causal within each example, one flash-attention varlen call."""
     batch, heads, length, dim = query.shape
-    if key.shape[1] != heads and not _VARLEN_PARAMS.get("enable_gqa"):
+    if key.shape[1] != heads and "enable_gqa" not in _VARLEN_PARAMS:
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
         value = value.repeat_interleave(heads // value.shape[1], dim=1)
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
     cu, longest = cu_seq_lens(position_ids, batch)
     options = {"scale": scaling}
-    if _VARLEN_PARAMS.get("enable_gqa"):
+    if "enable_gqa" in _VARLEN_PARAMS:
         options["enable_gqa"] = k.shape[1] != heads
-    if _VARLEN_PARAMS.get("is_causal"):
+    if "is_causal" in _VARLEN_PARAMS:
         options["is_causal"] = True
     else:
         options["window_size"] = (-1, 0)  # newer API: causal is a window with nothing to the right
@@ -136,7 +134,7 @@ def varlen_forward(query, key, value, position_ids, scaling) -> torch.Tensor:
     return out.reshape(batch, length, heads, dim)
 
 
-_VARLEN_PARAMS = {name: True for name in inspect.signature(varlen_attn).parameters} if varlen_attn else {}
+_VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn else frozenset()
 
 
 def packed_sdpa_mask(*args, **kwargs):

@@ -156,8 +156,9 @@ def split_global_batch(global_batch: np.ndarray, lengths: np.ndarray, num_proces
     least-loaded process. Each process's share is then cut into micro-batches: `grad_accum` of them balanced by
     tokens the same way, or, with `micro_batch_tokens`, as few packed rows of at most that many tokens as
     best-fit-decreasing finds, or, `padded`, `grad_accum` groups of similar lengths (a padded micro-batch costs its
-    longest example times its size, so mixing long and short examples would mostly compute padding). Every process gets the same number of micro-steps (empty ones where a process has
-    fewer rows): ZeRO-3 needs the same number of forward passes everywhere. A pure function of the global batch and
+    longest example times its size, so mixing long and short examples would mostly compute padding). Every process
+    gets the same number of micro-steps (empty ones where a process has fewer rows): ZeRO-3 needs the same number of
+    forward passes everywhere. A pure function of the global batch and
     the example lengths: every process computes the whole plan locally, without communication.
     """
     balance_by = lengths if trained is None else trained
@@ -166,8 +167,7 @@ def split_global_batch(global_batch: np.ndarray, lengths: np.ndarray, num_proces
     if padded:
         plan = [_similar_lengths(s, lengths[s], grad_accum) for s in shares]
     elif micro_batch_tokens is None:
-        plan = [_least_loaded_first(s, lengths[s], grad_accum) if len(s) else [[] for _ in range(grad_accum)]
-                for s in shares]
+        plan = [_least_loaded_first(s, lengths[s], grad_accum) for s in shares]
     else:
         plan = [best_fit_decreasing(s, lengths[s], micro_batch_tokens) for s in shares]
     micro_steps = max(len(micro) for micro in plan)

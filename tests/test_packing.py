@@ -137,7 +137,7 @@ def test_packed_sdpa_cuda_bf16_logits_and_gradients_match_per_example():
 @pytest.mark.gpu
 def test_packed_sdpa_takes_the_varlen_kernel_under_autocast_with_fp32_weights(monkeypatch):
     """accelerate's bf16 mixed precision keeps fp32 weights, and Llama's RoPE then returns fp32 queries and keys: the
-    varlen kernel must still run (in autocast's dtype), not the per-example fp32 fallback (a 12x slowdown on an H100)."""
+    varlen kernel must still run (in autocast's dtype), not the per-example fp32 fallback (about 13x slower on an H100)."""
     from open_instruct import attention
 
     if attention.varlen_attn is None:
