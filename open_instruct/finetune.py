@@ -67,8 +67,27 @@ def configure_cuda_allocator() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
+def skip_deepspeed_cpu_inference_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce when it starts on CPU.
+
+    DeepSpeed builds that C++ extension at start-up on every CPU run, but only its inference all-reduce uses it;
+    training never does. The build costs ~25 s per new environment, and it waits on a lock file in the torch extensions
+    cache: a run killed mid-build leaves the lock behind and every later CPU run hung there silently (this stalled CI
+    for 30 minutes). Marking the op incompatible makes DeepSpeed skip it, as it does on machines without a compiler.
+    """
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict) and "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
 def build_accelerator(args: FinetuneArgs) -> Accelerator:
     handlers = [InitProcessGroupKwargs(timeout=timedelta(hours=2))]
+    if not torch.cuda.is_available():
+        skip_deepspeed_cpu_inference_comm()
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Without this accelerate leaves a CPU DeepSpeed run thinking it has one process while DeepSpeed has many.
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(hours=2))]

@@ -39,8 +39,17 @@ def clean_env(**extra) -> dict:
     return env
 
 
+def _tail(output: bytes | str | None, chars: int) -> str:
+    text = output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+    return text[-chars:]
+
+
 def run(cmd: list[str], env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run(cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as hung:  # say where it stopped: pytest's own report cuts the output to a line
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s; last output:\n"
+                             f"{_tail(hung.stdout, 4000)}\n{_tail(hung.stderr, 6000)}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result

@@ -33,6 +33,30 @@ def common(model_dir):
 ZERO3 = "configs/ds_configs/stage3_no_offloading_accelerate.conf"
 
 
+def extensions_dir_with_a_stale_build_lock(tmp_path):
+    """A torch extensions cache as a run killed while DeepSpeed compiled its CPU all-reduce leaves it: DeepSpeed
+    waited on this lock forever at start-up, which hung CI. The trainer must not build that extension at all."""
+    root = tmp_path / "torch_extensions"
+    build = root / "deepspeed_shm_comm"  # with TORCH_EXTENSIONS_DIR set, torch builds each extension directly under it
+    build.mkdir(parents=True)
+    (build / "lock").touch()
+    return root
+
+
+def test_cpu_runs_skip_deepspeeds_inference_only_extension(monkeypatch):
+    """Without the skip DeepSpeed compiles the extension here (about 25 s) and returns it."""
+    import importlib
+
+    import deepspeed.ops
+
+    from open_instruct.finetune import skip_deepspeed_cpu_inference_comm
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute deepspeed.comm.torch is torch itself
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    skip_deepspeed_cpu_inference_comm()
+    assert backend.build_shm_op() is None
+
+
 @pytest.mark.parametrize("ds_config, extra", [(ZERO3, []), ("", []), (ZERO3, ["--use_liger_kernel", "--loss_chunk_size", "7"])],
                          ids=["zero3", "ddp", "zero3-chunked-loss"])
 def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp_path, ds_config, extra):
@@ -43,7 +67,8 @@ def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp
     finetune([*common(tiny_model_dir), *extra, "--gradient_accumulation_steps", "4", "--output_dir", str(one)])
     # The 2-process run goes through the debug recipe's launcher interface (NUM_PROCESSES, DS_CONFIG, OUTPUT_DIR).
     env = clean_env(NUM_PROCESSES="2", DS_CONFIG=ds_config, OUTPUT_DIR=str(two), TINY_MODEL_DIR=str(tiny_model_dir),
-                    PYTHON=sys.executable, PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
+                    PYTHON=sys.executable, PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}",
+                    TORCH_EXTENSIONS_DIR=str(extensions_dir_with_a_stale_build_lock(tmp_path)))
     result = run(["bash", "scripts/train/debug/finetune.sh",
                   *with_cache_dir([*common(tiny_model_dir), *extra, "--gradient_accumulation_steps", "2"])], env=env)
     assert "global batch 8," in result.stdout + result.stderr  # 2 per device x 2 accumulation x 2 processes
