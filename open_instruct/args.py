@@ -164,6 +164,18 @@ class FinetuneArgs:
     checkpointing_steps: str | None = _field(
         None, "Save the full training state every N optimizer steps, or 'epoch' at each epoch end. Default: never."
     )
+    keep_last_n_checkpoints: int | None = _field(
+        None, "Keep only the newest K checkpoints (older ones are deleted after each save). Default: keep them all."
+    )
+    resume_from_checkpoint: str = _field(
+        "auto",
+        "auto: continue from the newest complete checkpoint in --output_dir, if there is one. none: start from "
+        "scratch (an output dir that holds checkpoints is then an error). A path: that checkpoint, or an error.",
+    )
+    force_resume: bool = _field(
+        False, "Resume a checkpoint even though its run used other data, model or global batch settings (normally "
+        "an error: it would continue a different run)."
+    )
     push_to_hub: bool = _field(False, "Upload the final model to the Hugging Face Hub (a private repo).")
     hf_repo_id: str | None = _field(
         None, "Hub repo for --push_to_hub (org/name). Default: <your user>/<exp_name>."
@@ -241,6 +253,13 @@ def validate(args: FinetuneArgs) -> None:
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             errors.append(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}.")
+    if args.keep_last_n_checkpoints is not None:
+        if args.keep_last_n_checkpoints < 1:
+            errors.append(f"--keep_last_n_checkpoints must be at least 1, got {args.keep_last_n_checkpoints}.")
+        if args.checkpointing_steps is None:
+            errors.append("--keep_last_n_checkpoints has no effect without --checkpointing_steps.")
+    if args.force_resume and args.resume_from_checkpoint == "none":
+        errors.append("--force_resume has no effect with --resume_from_checkpoint none.")
     if args.report_to not in TRACKERS:
         errors.append(f"--report_to {args.report_to!r} is not supported; use one of {', '.join(TRACKERS)}.")
     # Flags that would be accepted and then ignored are errors: say which setting makes them do nothing.

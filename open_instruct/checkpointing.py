@@ -1,41 +1,270 @@
-"""Saving: training-state checkpoints (all ranks, crash-safe rename) and the final Hugging Face model."""
+"""Checkpoints that resume the exact same run, saves that cannot be half-written, and the final Hugging Face model.
+
+A checkpoint is `OUTPUT_DIR/checkpoints/step_N/`: accelerate's `save_state` (model and optimizer, as ZeRO-3 shards
+under DeepSpeed; the LR scheduler; every rank's RNG states) plus `trainer_state.json` (the next optimizer step, which
+with the seed decides every later global batch; token counters; what the run must keep to be the same run) and
+`run_config.yaml`. Every rank writes into `step_N.tmp/`; global rank 0 adds the COMPLETED marker and renames the folder
+only after all ranks finished, so a crash at any point leaves the previous checkpoints untouched and no `step_N` that
+looks complete. Checkpoints live on a filesystem every node sees (as accelerate and DeepSpeed assume).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
+import torch
+import yaml
+
+logger = logging.getLogger(__name__)
+
 COMPLETED_MARKER = "COMPLETED"
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "run_config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# Settings that decide which examples form each global batch or which model is trained. A checkpoint written with
+# other values belongs to a different run: resuming it is an error unless --force_resume.
+SAME_RUN_SETTINGS = (
+    "model_name_or_path", "model_revision", "tokenizer_name_or_path", "tokenizer_revision", "chat_template_name",
+    "dataset_mixer_list", "dataset_mixer_list_splits", "dataset_mixer_file", "max_seq_length", "truncation",
+    "train_on", "add_bos", "skip_bad_rows", "max_unmaskable_fraction", "seed", "use_liger_kernel",
+)
+# Settings that change the rest of the run but not its data or model: a change is reported, then honoured.
+OPTIMIZATION_SETTINGS = (
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "final_lr_ratio", "warmdown_ratio", "weight_decay",
+    "clip_grad_norm", "loss_reduction", "num_train_epochs", "max_train_steps",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, found or resumed; the message says which and what to do."""
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step_{step}"
+    return checkpoints_root(output_dir) / f"step_{step}"
 
 
-def save_training_state(accelerator, output_dir: str | Path, step: int) -> Path:
-    """accelerator.save_state into a temporary folder, renamed into place once every rank has written its part.
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (by step number, not by name: step_10 comes after step_9)."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / COMPLETED_MARKER).is_file()]
+    return [path for _, path in sorted(found)]
 
-    A crash mid-save leaves only `step_N.tmp`, never a `step_N` that looks complete.
+
+def remove_unfinished_saves(output_dir: str | Path) -> list[Path]:
+    """Delete `step_N.tmp` folders a killed save left behind (global rank 0, before anything else is written)."""
+    root = checkpoints_root(output_dir)
+    stale = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which checkpoint to resume, and whether it belongs to this run
+# ----------------------------------------------------------------------------------------------------------------
+def checkpoint_to_resume(resume_from_checkpoint: str, output_dir: str | Path) -> Path | None:
+    """`auto`: the newest complete checkpoint of this output directory, if any. `none`: start from scratch, which
+    refuses an output directory that already holds checkpoints (they would mix with the new run's). A path: that
+    checkpoint, which must exist and be complete."""
+    existing = complete_checkpoints(output_dir)
+    if resume_from_checkpoint == "auto":
+        return existing[-1] if existing else None
+    if resume_from_checkpoint == "none":
+        if existing:
+            raise CheckpointError(
+                f"{checkpoints_root(output_dir)} holds checkpoints of an earlier run (newest: {existing[-1].name}). "
+                "Resume it (--resume_from_checkpoint auto), or start the new run in another --output_dir."
+            )
+        return None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {path}: no such directory.")
+    if not (path / COMPLETED_MARKER).is_file() or not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(
+            f"--resume_from_checkpoint {path} is not a complete checkpoint (no {COMPLETED_MARKER} marker or "
+            f"{TRAINER_STATE}); a save was probably interrupted. Use an earlier checkpoint or 'auto'."
+        )
+    return path
+
+
+def run_identity(args, data_fingerprint: str, global_batch: str, num_processes: int, zero_stage: int | None) -> dict:
+    """What a checkpoint records to recognise its run on resume."""
+    return {
+        "settings": {name: getattr(args, name) for name in SAME_RUN_SETTINGS},
+        "optimization": {name: getattr(args, name) for name in OPTIMIZATION_SETTINGS},
+        "data_fingerprint": data_fingerprint,
+        "global_batch": global_batch,
+        "num_processes": num_processes,
+        "zero_stage": zero_stage,
+    }
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def resume_problems(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(differences that make this a different run, differences that only change the rest of the optimization)."""
+    different_run = [f"--{name}: checkpoint {saved['settings'].get(name)!r}, now {value!r}"
+                     for name, value in current["settings"].items() if saved["settings"].get(name) != value]
+    if saved["global_batch"] != current["global_batch"]:
+        different_run.append(f"global batch: checkpoint {saved['global_batch']}, now {current['global_batch']} "
+                             "(give --global_batch_size to keep it when the number of processes changes)")
+    if not different_run and saved["data_fingerprint"] != current["data_fingerprint"]:
+        different_run.append("the tokenized data: a source's contents or the tokenizer changed since the checkpoint")
+    optimization = [f"--{name}: checkpoint {saved['optimization'].get(name)!r}, now {value!r}"
+                    for name, value in current["optimization"].items() if saved["optimization"].get(name) != value]
+    return different_run, optimization
+
+
+def check_resumable(checkpoint: Path, current: dict, force: bool) -> dict:
+    """The checkpoint's trainer state, after checking that it continues this run (see SAME_RUN_SETTINGS)."""
+    state = read_trainer_state(checkpoint)
+    saved = state["identity"]
+    if saved["zero_stage"] is not None and (saved["zero_stage"], saved["num_processes"]) != (
+            current["zero_stage"], current["num_processes"]):
+        raise CheckpointError(
+            f"{checkpoint} holds ZeRO-{saved['zero_stage']} optimizer shards of {saved['num_processes']} processes; "
+            f"this run has {current['num_processes']} (ZeRO stage {current['zero_stage']}). DeepSpeed cannot "
+            f"re-partition them: resume with {saved['num_processes']} processes and the same DeepSpeed config."
+        )
+    different_run, optimization = resume_problems(saved, current)
+    if different_run and not force:
+        raise CheckpointError(
+            f"{checkpoint} was written by a different run:\n  " + "\n  ".join(different_run)
+            + "\nUse the checkpoint's settings (its run_config.yaml), another --output_dir, or --force_resume to "
+              "continue from it anyway."
+        )
+    for line in (different_run if force else []) + optimization:
+        logger.warning("Resuming %s with a changed setting: %s", checkpoint, line)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save, prune, load
+# ----------------------------------------------------------------------------------------------------------------
+def _agree(accelerator, failed: bool) -> bool:
+    """Whether any rank failed; every rank calls it, so they all stop together instead of waiting on each other."""
+    flag = torch.tensor([int(failed)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+def _space_problem(output_dir: Path, previous: Path | None) -> str | None:
+    """A checkpoint is about the size of the previous one: refuse before writing when the disk cannot hold it."""
+    if previous is None:
+        return None
+    needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        return f"{free / 1e9:.2f} GB free on the disk of {output_dir}, a checkpoint needs about {needed / 1e9:.2f} GB"
+    return None
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_state: dict, run_config: dict) -> Path:
+    """Write checkpoint `step` crash-safely (see the module docstring); every rank calls it.
+
+    Not enough disk space (measured against the previous checkpoint) or a failed write on any rank raises
+    CheckpointError on every rank; the unfinished folder is removed and earlier checkpoints stay as they were.
     """
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
+    problem = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        previous = complete_checkpoints(output_dir)
+        problem = _space_problem(Path(output_dir), previous[-1] if previous else None)
+        if problem is None:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as error:
+                problem = str(error)
+    if _agree(accelerator, problem is not None):
+        raise CheckpointError(_save_failed(final, problem or "another process could not start it"))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
+    except OSError as error:
+        problem = str(error)
+    if _agree(accelerator, problem is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failed(final, problem or "another process failed to write its part"))
     if accelerator.is_main_process:
-        (tmp / COMPLETED_MARKER).write_text(json.dumps({"step": step}))
+        (tmp / COMPLETED_MARKER).write_text(json.dumps({"step": step}))  # written once, after every rank's part
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
 
-def save_final_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:
+def _save_failed(final: Path, reason: str) -> str:
+    previous = complete_checkpoints(final.parent.parent)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return f"Could not save checkpoint {final}: {reason}. Nothing partial was kept; {kept}. Free space and resume."
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int | None, in_use=lambda path: False) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (global rank 0 only); `None` keeps all. A
+    checkpoint still being uploaded (`in_use`) stays until a later prune."""
+    if keep_last is None:
+        return []
+    removed = []
+    for path in complete_checkpoints(output_dir)[:-keep_last]:
+        if not in_use(path):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> None:
+    """Model, optimizer, scheduler and RNG states from `checkpoint` into the prepared objects (every rank).
+
+    A rank without its own RNG file (more processes than when saved) keeps the seeded state: the data order never
+    depends on it, only dropout would.
+    """
+    accelerator.load_state(str(checkpoint))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The final model
+# ----------------------------------------------------------------------------------------------------------------
+def end_of_turn_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn under the chat template (eos, and e.g. ChatML's <|im_end|>), so that
+    generation stops where training taught the model to stop."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    marker = "\x1fend-of-answer\x1f"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # no template: eos is all there is
+        return ids
+    after = text[text.index(marker) + len(marker):] if marker in text else ""
+    special = sorted(tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values()
+                                                     if t.special], key=len, reverse=True)
+    first = next((token for token in special if after.startswith(token)), None)
+    if first is not None:
+        token_id = tokenizer.convert_tokens_to_ids(first)
+        if token_id not in ids:
+            ids.insert(0, token_id)
+    return ids
+
+
+def save_final_model(accelerator, model, tokenizer, output_dir: str | Path, max_shard_size: str = "5GB") -> None:
     """Write config, safetensors weights (gathered from ZeRO-3 shards), tokenizer and generation config.
 
     Files are written to a temporary folder first and moved next to the run's logs only when complete.
@@ -51,13 +280,16 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str | Path) -> N
             state_dict = {key.removeprefix("lm."): value for key, value in state_dict.items()}
         unwrapped.config.use_cache = True  # gradient checkpointing turned it off for training only
         generation = unwrapped.generation_config
-        if generation.eos_token_id is None:
-            generation.eos_token_id = tokenizer.eos_token_id
+        existing = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        stop = end_of_turn_token_ids(tokenizer) + [i for i in existing if i is not None]
+        stop = list(dict.fromkeys(stop))  # the template's end of turn first, the base model's own stops kept
+        if stop:
+            generation.eos_token_id = stop if len(stop) > 1 else stop[0]
         if generation.pad_token_id is None:
             generation.pad_token_id = tokenizer.pad_token_id
         tmp = output / ".final_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         for file in tmp.iterdir():
             os.replace(file, output / file.name)

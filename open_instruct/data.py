@@ -461,9 +461,10 @@ def build_mixture(items: list[MixerItem], tokenizer, options: EncodeOptions, see
 class TokenizedMixture:
     """The training examples (an Arrow dataset, memory-mapped when cached) and what the mixture turned out to be."""
 
-    def __init__(self, dataset, stats: list[SourceStats]):
+    def __init__(self, dataset, stats: list[SourceStats], fingerprint: str = ""):
         self.dataset = dataset.with_format("numpy")
         self.stats = stats
+        self.fingerprint = fingerprint  # the cache key: sources' contents, tokenizer, encoding options, seed
         self.lengths = _column(dataset, "num_tokens").astype(np.int64)
         self.trained_lengths = _column(dataset, "num_trained_tokens").astype(np.int64)  # positions with a loss
 

@@ -10,7 +10,9 @@ Several processes with DeepSpeed ZeRO-3 (CPU uses gloo; GPUs use NCCL):
         -m open_instruct.finetune config.yaml
 
 Every flag is documented in open_instruct/args.py (or `--help`). The run directory receives the final model in
-Hugging Face format, metrics.jsonl, run_config.yaml, dataset_stats.json, summary.json and any checkpoints.
+Hugging Face format, metrics.jsonl, run_config.yaml, environment.json, dataset_stats.json, summary.json and any
+checkpoints. Run the same command again after a crash or preemption and it continues from the newest complete
+checkpoint (--resume_from_checkpoint auto), exactly as if it had not stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
@@ -32,7 +33,17 @@ from tqdm.auto import tqdm
 from open_instruct import hub
 from open_instruct.args import FinetuneArgs, args_to_dict, parse_args
 from open_instruct.batching import BatchPlan, collate, split_global_batch
-from open_instruct.checkpointing import save_final_model, save_training_state
+from open_instruct.checkpointing import (
+    CheckpointError,
+    check_resumable,
+    checkpoint_to_resume,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_unfinished_saves,
+    run_identity,
+    save_checkpoint,
+    save_final_model,
+)
 from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
 from open_instruct.loss import scale_for_backward, token_loss_sum
 from open_instruct.metrics import MetricsLogger, RunCounters
@@ -47,10 +58,11 @@ from open_instruct.model_utils import (
 )
 from open_instruct.optim import build_optimizer, build_scheduler
 from open_instruct.prepare_data import prepare
+from open_instruct.run_info import write_run_record
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-USER_ERRORS = (DataError, hub.HubError, ModelSetupError)
+USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,10 +154,20 @@ def setup_logging(accelerator: Accelerator) -> None:
 
 
 def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
+    """Check that the output directory can be written (before anything expensive), clear unfinished checkpoint
+    saves of a killed run, and record the run's config and environment."""
     output = Path(args.output_dir)
     if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "run_config.yaml").write_text(yaml.safe_dump(args_to_dict(args), sort_keys=False))
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            probe = output / ".write_probe"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise CheckpointError(f"--output_dir {output} cannot be written ({error}); choose a writable directory.")
+        for stale in remove_unfinished_saves(output):
+            logger.warning("Removed %s: a checkpoint save that never finished.", stale)
+        write_run_record(output, args, accelerator.num_processes)
     accelerator.wait_for_everyone()
     return output
 
@@ -168,6 +190,15 @@ def model_dtype(accelerator: Accelerator) -> torch.dtype:
     if accelerator.state.deepspeed_plugin is not None and accelerator.mixed_precision == "bf16":
         return torch.bfloat16
     return torch.float32
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    plugin = accelerator.state.deepspeed_plugin
+    return None if plugin is None else int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def global_batch_description(plan: BatchPlan) -> str:
+    return f"{plan.global_batch_size} examples" if plan.global_batch_size else f"{plan.global_batch_tokens} tokens"
 
 
 def make_plan(args: FinetuneArgs, accelerator: Accelerator, mixture: TokenizedMixture) -> tuple[BatchPlan, int]:
@@ -306,8 +337,13 @@ def main(argv: list[str] | None = None) -> dict:
         mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None)
     plan, total_steps = make_plan(args, accelerator, mixture)
     logger.info("%d examples, global batch %s, %d steps in the first epoch (%d examples left out of it), %d steps.",
-                len(mixture), plan.global_batch_size or f"{plan.global_batch_tokens} tokens", plan.steps_per_epoch,
-                plan.dropped_per_epoch(), total_steps)
+                len(mixture), global_batch_description(plan), plan.steps_per_epoch, plan.dropped_per_epoch(),
+                total_steps)
+    # Checked before the model loads: a checkpoint of a different run is refused without costing a model load.
+    identity = run_identity(args, mixture.fingerprint, global_batch_description(plan), accelerator.num_processes,
+                            zero_stage(accelerator))
+    resume_from = checkpoint_to_resume(args.resume_from_checkpoint, output)
+    resumed = check_resumable(resume_from, identity, args.force_resume) if resume_from else None
     if accelerator.is_main_process:
         stats = [vars(s) for s in mixture.stats]
         (output / "dataset_stats.json").write_text(json.dumps(stats, indent=2))
@@ -329,12 +365,18 @@ def main(argv: list[str] | None = None) -> dict:
                               "--attn_implementation sdpa or flash_attention_2, or --no_padding_free.")
     init_tracking(accelerator, args, output)
 
-    metrics_log = MetricsLogger(accelerator, output, args.with_tracking)
     counters = RunCounters(accelerator.num_processes)
+    start_step, first_loss, last_loss = 0, None, None
+    if resumed:
+        load_checkpoint(accelerator, resume_from)
+        start_step, first_loss = resumed["step"], resumed["first_loss"]
+        counters.restore(resumed["counters"])
+        logger.info("Resumed %s: continuing at step %d of %d.", resume_from, start_step + 1, total_steps)
+    metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step)
     pad_id = pad_token_id(tokenizer)
-    first_loss = last_loss = None
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    for step in range(total_steps):
+    progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_main_process,
+                    dynamic_ncols=True)
+    for step in range(start_step, total_steps):
         learning_rate = scheduler.get_last_lr()[0]
         result = train_step(accelerator, model, optimizer, micro_batches(mixture, plan, step, args, accelerator, pad_id),
                             args)
@@ -347,13 +389,18 @@ def main(argv: list[str] | None = None) -> dict:
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
             metrics_log.log(step_record(step, plan, learning_rate, result, counters), step=step + 1)
         if should_checkpoint(args, step, plan):
-            save_training_state(accelerator, output, step + 1)
+            trainer_state = {"step": step + 1, "epoch": plan.epochs_done(step), "first_loss": first_loss,
+                             "counters": counters.state(), "identity": identity}
+            save_checkpoint(accelerator, output, step + 1, trainer_state, args_to_dict(args))
+            if accelerator.is_main_process:
+                prune_checkpoints(output, args.keep_last_n_checkpoints)
     progress.close()
 
     train_seconds, final_throughput = counters.elapsed, counters.throughput()
     save_final_model(accelerator, model, tokenizer, output)
     summary = {
         "steps": total_steps,
+        "resumed_from": str(resume_from) if resume_from else None,
         "train_seconds": round(train_seconds, 2),
         "first_train_loss": first_loss,
         "last_train_loss": last_loss,

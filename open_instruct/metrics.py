@@ -22,6 +22,18 @@ class RunCounters:
     total_tokens_including_padding: int = 0
     trained_tokens: int = 0
     start_time: float = field(default_factory=time.perf_counter)
+    tokens_before_start: tuple[int, int] = (0, 0)  # counted by the run this one resumed; not in this run's speed
+
+    def state(self) -> dict:
+        return {"total_tokens": self.total_tokens, "total_tokens_including_padding": self.total_tokens_including_padding,
+                "trained_tokens": self.trained_tokens}
+
+    def restore(self, state: dict) -> None:
+        """Continue a resumed run's totals; throughput counts only what this process computes."""
+        self.total_tokens = state["total_tokens"]
+        self.total_tokens_including_padding = state["total_tokens_including_padding"]
+        self.trained_tokens = state["trained_tokens"]
+        self.tokens_before_start = (self.total_tokens, self.total_tokens_including_padding)
 
     def add(self, tokens: int, tokens_including_padding: int, trained_tokens: int) -> None:
         self.total_tokens += tokens
@@ -34,21 +46,24 @@ class RunCounters:
 
     def throughput(self) -> dict[str, float]:
         per_device_seconds = self.elapsed * self.num_processes
+        tokens, with_padding = self.tokens_before_start
         return {
-            "per_device_tps": self.total_tokens / per_device_seconds,
-            "per_device_tps_including_padding": self.total_tokens_including_padding / per_device_seconds,
+            "per_device_tps": (self.total_tokens - tokens) / per_device_seconds,
+            "per_device_tps_including_padding": (self.total_tokens_including_padding - with_padding) / per_device_seconds,
         }
 
 
 class MetricsLogger:
     """Writes one JSON object a line; only the main process writes."""
 
-    def __init__(self, accelerator, output_dir: str | Path, with_tracking: bool):
+    def __init__(self, accelerator, output_dir: str | Path, with_tracking: bool, resumed_step: int = 0):
+        """A resumed run keeps the lines up to its checkpoint's step and drops the rest (steps the killed run
+        logged after its last checkpoint are trained again)."""
         self.accelerator = accelerator
         self.with_tracking = with_tracking
         self.path = Path(output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
-            self.path.write_text("")
+            self.path.write_text("".join(line + "\n" for line in lines_up_to(self.path, resumed_step)))
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -58,6 +73,12 @@ class MetricsLogger:
         if self.with_tracking:
             self.accelerator.log(metrics, step=step)
         tqdm.write(format_line(metrics))
+
+
+def lines_up_to(path: Path, step: int) -> list[str]:
+    if step == 0 or not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
 
 
 def format_line(m: dict) -> str:

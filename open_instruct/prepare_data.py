@@ -95,11 +95,11 @@ def cache_key(items: list[MixerItem], tokenizer, args) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Build or load
 # ----------------------------------------------------------------------------------------------------------------
-def _load(path: Path) -> TokenizedMixture:
+def _load(path: Path, key: str) -> TokenizedMixture:
     import datasets
 
     stats = [SourceStats(**s) for s in json.loads((path / "stats.json").read_text())]
-    return TokenizedMixture(datasets.load_from_disk(str(path / "dataset")), stats)
+    return TokenizedMixture(datasets.load_from_disk(str(path / "dataset")), stats, key)
 
 
 def _save(path: Path, dataset, stats: list[SourceStats]) -> None:
@@ -128,15 +128,15 @@ def get_mixture(args, tokenizer, log=print) -> tuple[TokenizedMixture, str]:
     path = Path(args.dataset_local_cache_dir) / key
     if not args.dataset_skip_cache and (path / COMPLETED_MARKER).exists():
         log(f"Loading the tokenized mixture from {path}")
-        return _load(path), str(path)
+        return _load(path, key), str(path)
     dataset, stats = build_mixture(items, tokenizer, options, args.seed, args.skip_bad_rows,
                                    args.max_unmaskable_fraction, args.dataset_num_proc)
     if args.dataset_skip_cache:
-        return TokenizedMixture(dataset, stats), ""
+        return TokenizedMixture(dataset, stats, key), ""
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, dataset, stats)
     log(f"Cached the tokenized mixture in {path}")
-    return _load(path), str(path)
+    return _load(path, key), str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

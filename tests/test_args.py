@@ -182,6 +182,8 @@ def test_config_flag_without_path_raises():
         (["--global_batch_size", "64", "--max_tokens_per_micro_batch", "4096", "--gradient_accumulation_steps", "2"],
          "--gradient_accumulation_steps"),
         (["--global_batch_size", "64", "--max_tokens_per_micro_batch", "1000"], "--max_seq_length"),
+        (["--keep_last_n_checkpoints", "2"], "--keep_last_n_checkpoints has no effect without --checkpointing_steps"),
+        (["--resume_from_checkpoint", "none", "--force_resume"], "--force_resume"),
     ],
 )
 def test_ignored_flags_are_errors(extra, flag, capsys):
@@ -199,6 +201,7 @@ def test_ignored_flags_are_errors(extra, flag, capsys):
         ["--push_to_hub", "--hf_repo_id", "org/name"],
         ["--global_batch_size", "64", "--gradient_accumulation_steps", "4"],
         ["--global_batch_tokens", "65536", "--max_tokens_per_micro_batch", "4096", "--max_seq_length", "4096"],
+        ["--checkpointing_steps", "10", "--keep_last_n_checkpoints", "2", "--force_resume"],
     ],
 )
 def test_the_same_flags_are_accepted_where_they_apply(extra):
@@ -222,6 +225,7 @@ def test_the_same_flags_are_accepted_where_they_apply(extra):
         (["--clip_grad_norm", "0"], "--clip_grad_norm"),
         (["--checkpointing_steps", "abc"], "--checkpointing_steps"),
         (["--checkpointing_steps", "0"], "--checkpointing_steps"),
+        (["--checkpointing_steps", "5", "--keep_last_n_checkpoints", "0"], "--keep_last_n_checkpoints"),
         (["--lr_scheduler_type", "bogus"], "bogus"),
         (["--with_tracking", "--report_to", "tensorboard"], "--report_to"),
     ],

@@ -71,7 +71,7 @@ def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp
                     TORCH_EXTENSIONS_DIR=str(extensions_dir_with_a_stale_build_lock(tmp_path)))
     result = run(["bash", "scripts/train/debug/finetune.sh",
                   *with_cache_dir([*common(tiny_model_dir), *extra, "--gradient_accumulation_steps", "2"])], env=env)
-    assert "global batch 8," in result.stdout + result.stderr  # 2 per device x 2 accumulation x 2 processes
+    assert "global batch 8 examples," in result.stdout + result.stderr  # 2 per device x 2 accumulation x 2 processes
 
     single, double = read_metrics(one), read_metrics(two)
     assert len(single) == len(double) == 6

@@ -1,0 +1,60 @@
+"""Runs the trainer with a fault injected at a checkpoint save, as a crash or a full disk would hit a real run.
+
+    FAULT=kill_after_save FAULT_STEP=3 python tests/fault_injection.py <finetune flags>
+    accelerate launch ... tests/fault_injection.py <finetune flags>      (every rank injects the fault)
+
+FAULT:
+    kill_after_save   SIGKILL right after checkpoint FAULT_STEP is complete (the process dies mid-run).
+    kill_during_save  SIGKILL after every rank wrote its part of checkpoint FAULT_STEP, before it is marked complete.
+    disk_full         the write of checkpoint FAULT_STEP fails with ENOSPC (No space left on device).
+Nothing here is imported by the trainer: the faults patch it from outside.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from accelerate import Accelerator
+
+import open_instruct.finetune as finetune
+
+FAULT, STEP = os.environ["FAULT"], int(os.environ["FAULT_STEP"])
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inject() -> None:
+    if FAULT == "kill_after_save":
+        save = finetune.save_checkpoint
+
+        def save_then_die(accelerator, output_dir, step, *args, **kwargs):
+            path = save(accelerator, output_dir, step, *args, **kwargs)
+            if step == STEP:
+                die()
+            return path
+
+        finetune.save_checkpoint = save_then_die
+        return
+    save_state = Accelerator.save_state
+
+    def faulty_save_state(self, output_dir=None, **kwargs):
+        if not str(output_dir).endswith(f"step_{STEP}.tmp"):
+            return save_state(self, output_dir, **kwargs)
+        if FAULT == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(output_dir))
+        result = save_state(self, output_dir, **kwargs)
+        self.wait_for_everyone()  # every rank's part is on disk: the save is as far along as it gets unmarked
+        die()
+        return result
+
+    assert FAULT in ("kill_during_save", "disk_full"), FAULT
+    Accelerator.save_state = faulty_save_state
+
+
+if __name__ == "__main__":
+    inject()
+    finetune.cli()
