@@ -10,7 +10,8 @@ Several processes with DeepSpeed ZeRO-3 (CPU uses gloo; GPUs use NCCL):
         -m open_instruct.finetune config.yaml
 
 Every flag is documented in open_instruct/args.py (or `--help`). The run directory receives the final model in
-Hugging Face format, metrics.jsonl, run_config.yaml, dataset_stats.json, summary.json and any checkpoints.
+Hugging Face format, metrics.jsonl, run_config.yaml, dataset_stats.json, summary.json, any checkpoints and, with
+--push_to_hub, README.md (the model card).
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = build_accelerator(args)
     setup_logging(accelerator)
     output = prepare_output_dir(args, accelerator)
+    # Uploads run in the background on the main process only (see hub.HubUploader); other ranks do nothing hub-related.
+    uploader = hub.HubUploader(repo_id, hub.repo_revision(args)) if repo_id and accelerator.is_main_process else None
 
     tokenizer = load_tokenizer(args)
     # Rank 0 tokenizes into the cache first; then each node's local main process (which finds rank 0's cache on a
@@ -347,7 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
             metrics_log.log(step_record(step, plan, learning_rate, result, counters), step=step + 1)
         if should_checkpoint(args, step, plan):
-            save_training_state(accelerator, output, step + 1)
+            saved = save_training_state(accelerator, output, step + 1)
+            if uploader and args.push_checkpoints:
+                uploader.upload_checkpoint(saved, step + 1)
     progress.close()
 
     train_seconds, final_throughput = counters.elapsed, counters.throughput()
@@ -363,8 +368,11 @@ def main(argv: list[str] | None = None) -> dict:
         "model_dir": str(output.resolve()),
     }
     if accelerator.is_main_process:
-        if repo_id:
-            summary["hub_url"] = hub.push_folder(output, repo_id)
+        if uploader:
+            hub.write_model_card(output, args, summary, stats, repo_id=repo_id, revision=uploader.revision,
+                                 num_processes=accelerator.num_processes)
+            uploader.upload_final(output)
+            summary.update(hub.summary_fields(uploader.finish()))  # waits; failures are reported, not raised
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     accelerator.end_training()
