@@ -176,9 +176,23 @@ class FinetuneArgs:
         False, "Resume a checkpoint even though its run used other data, model or global batch settings (normally "
         "an error: it would continue a different run)."
     )
-    push_to_hub: bool = _field(False, "Upload the final model to the Hugging Face Hub (a private repo).")
+    push_to_hub: bool = _field(
+        False,
+        "Upload the final model (and its model card) to the Hugging Face Hub, in the background, to a private repo. "
+        "The token comes from HF_TOKEN or `hf auth login`, never from a flag.",
+    )
+    hf_entity: str | None = _field(
+        None, "User or organization that owns the hub repo (with --push_to_hub). Default: the logged-in user."
+    )
     hf_repo_id: str | None = _field(
-        None, "Hub repo for --push_to_hub (org/name). Default: <your user>/<exp_name>."
+        None, "Hub repo for --push_to_hub: name, or org/name. Default: <--hf_entity or your user>/<exp_name>."
+    )
+    hf_repo_revision: str | None = _field(
+        None, "Branch of the hub repo the run uploads to (with --push_to_hub). Default: --exp_name."
+    )
+    push_checkpoints: bool = _field(
+        False, "Also upload each saved checkpoint, to checkpoints/step_N on the run's branch. Needs --push_to_hub and "
+        "--checkpointing_steps.",
     )
     # --- logging ---
     logging_steps: int = _field(1, "Log metrics every N optimizer steps (console and metrics.jsonl).")
@@ -273,10 +287,24 @@ def validate(args: FinetuneArgs) -> None:
         for name in ("wandb_project_name", "wandb_entity", "report_to"):
             if _changed(args, name):
                 errors.append(f"--{name} has no effect without --with_tracking.")
-    if not args.push_to_hub and _changed(args, "hf_repo_id"):
-        errors.append("--hf_repo_id has no effect without --push_to_hub.")
+    errors += _hub_errors(args)
     if errors:
         raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def _hub_errors(args: FinetuneArgs) -> list[str]:
+    if not args.push_to_hub:
+        return [f"--{name} has no effect without --push_to_hub."
+                for name in ("hf_entity", "hf_repo_id", "hf_repo_revision", "push_checkpoints") if _changed(args, name)]
+    errors = []
+    if args.hf_repo_id is not None and (args.hf_repo_id.count("/") > 1 or not all(args.hf_repo_id.split("/"))):
+        errors.append(f"--hf_repo_id must be a name or org/name, got {args.hf_repo_id!r}.")
+    if args.hf_entity and args.hf_repo_id and "/" in args.hf_repo_id:
+        errors.append(f"--hf_entity {args.hf_entity} and --hf_repo_id {args.hf_repo_id} both name the owner; give "
+                      "the owner once (--hf_repo_id name with --hf_entity, or --hf_repo_id org/name alone).")
+    if args.push_checkpoints and args.checkpointing_steps is None:
+        errors.append("--push_checkpoints needs --checkpointing_steps (no checkpoints are saved without it).")
+    return errors
 
 
 def _batch_layout_errors(args: FinetuneArgs) -> list[str]:

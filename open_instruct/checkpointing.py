@@ -218,14 +218,14 @@ def _save_failed(final: Path, reason: str) -> str:
     return f"Could not save checkpoint {final}: {reason}. Nothing partial was kept; {kept}. Free space and resume."
 
 
-def prune_checkpoints(output_dir: str | Path, keep_last: int | None, in_use=lambda path: False) -> list[Path]:
+def prune_checkpoints(output_dir: str | Path, keep_last: int | None, in_use=None) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints (global rank 0 only); `None` keeps all. A
-    checkpoint still being uploaded (`in_use`) stays until a later prune."""
+    checkpoint for which `in_use(path)` is true (still uploading) stays until a later prune."""
     if keep_last is None:
         return []
     removed = []
     for path in complete_checkpoints(output_dir)[:-keep_last]:
-        if not in_use(path):
+        if in_use is None or not in_use(path):
             shutil.rmtree(path)
             removed.append(path)
     return removed

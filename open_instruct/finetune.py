@@ -10,9 +10,10 @@ Several processes with DeepSpeed ZeRO-3 (CPU uses gloo; GPUs use NCCL):
         -m open_instruct.finetune config.yaml
 
 Every flag is documented in open_instruct/args.py (or `--help`). The run directory receives the final model in
-Hugging Face format, metrics.jsonl, run_config.yaml, environment.json, dataset_stats.json, summary.json and any
-checkpoints. Run the same command again after a crash or preemption and it continues from the newest complete
-checkpoint (--resume_from_checkpoint auto), exactly as if it had not stopped.
+Hugging Face format, metrics.jsonl, run_config.yaml, environment.json, dataset_stats.json, summary.json, any
+checkpoints and, with --push_to_hub, README.md (the model card). Run the same command again after a crash or
+preemption and it continues from the newest complete checkpoint (--resume_from_checkpoint auto), exactly as if it
+had not stopped.
 """
 
 from __future__ import annotations
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = build_accelerator(args)
     setup_logging(accelerator)
     output = prepare_output_dir(args, accelerator)
+    # Uploads run in the background on the main process only (see hub.HubUploader); other ranks do nothing hub-related.
+    uploader = hub.HubUploader(repo_id, hub.repo_revision(args)) if repo_id and accelerator.is_main_process else None
 
     tokenizer = load_tokenizer(args)
     # Rank 0 tokenizes into the cache first; then each node's local main process (which finds rank 0's cache on a
@@ -391,9 +394,11 @@ def main(argv: list[str] | None = None) -> dict:
         if should_checkpoint(args, step, plan):
             trainer_state = {"step": step + 1, "epoch": plan.epochs_done(step), "first_loss": first_loss,
                              "counters": counters.state(), "identity": identity}
-            save_checkpoint(accelerator, output, step + 1, trainer_state, args_to_dict(args))
-            if accelerator.is_main_process:
-                prune_checkpoints(output, args.keep_last_n_checkpoints)
+            saved = save_checkpoint(accelerator, output, step + 1, trainer_state, args_to_dict(args))
+            if uploader and args.push_checkpoints:
+                uploader.upload_checkpoint(saved, step + 1)
+            if accelerator.is_main_process:  # a checkpoint still uploading is kept until a later prune
+                prune_checkpoints(output, args.keep_last_n_checkpoints, in_use=uploader.busy if uploader else None)
     progress.close()
 
     train_seconds, final_throughput = counters.elapsed, counters.throughput()
@@ -410,8 +415,12 @@ def main(argv: list[str] | None = None) -> dict:
         "model_dir": str(output.resolve()),
     }
     if accelerator.is_main_process:
-        if repo_id:
-            summary["hub_url"] = hub.push_folder(output, repo_id)
+        if uploader:
+            hub.write_model_card(output, args, summary, stats, repo_id=repo_id, revision=uploader.revision,
+                                 num_processes=accelerator.num_processes)
+            uploader.upload_final(output)
+            summary.update(hub.summary_fields(uploader.finish()))  # waits; failures are reported, not raised
+            prune_checkpoints(output, args.keep_last_n_checkpoints)  # those kept while they were uploading
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     accelerator.end_training()

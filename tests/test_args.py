@@ -35,6 +35,8 @@ def test_defaults():
     assert args.dataset_mixer_list == ["synthetic:spelling", "1.0"]
     assert args.logging_steps == 1
     assert args.push_to_hub is False
+    assert args.push_checkpoints is False
+    assert args.hf_entity is None and args.hf_repo_id is None and args.hf_repo_revision is None
     assert args.padding_free is True
     assert args.with_tracking is False
     assert args.lr_scheduler_type == "linear"
@@ -174,6 +176,11 @@ def test_config_flag_without_path_raises():
         (["--wandb_entity", "x"], "--wandb_entity"),
         (["--wandb_project_name", "p"], "--wandb_project_name"),
         (["--hf_repo_id", "org/name"], "--hf_repo_id"),
+        (["--hf_entity", "org"], "--hf_entity"),
+        (["--hf_repo_revision", "v1"], "--hf_repo_revision"),
+        (["--push_checkpoints", "--checkpointing_steps", "10"], "--push_checkpoints"),
+        (["--push_to_hub", "--push_checkpoints"], "--checkpointing_steps"),
+        (["--push_to_hub", "--hf_entity", "org", "--hf_repo_id", "other/name"], "--hf_entity"),
         (["--global_batch_size", "64", "--per_device_train_batch_size", "4"], "--per_device_train_batch_size"),
         (["--global_batch_tokens", "9000", "--per_device_train_batch_size", "4"], "--per_device_train_batch_size"),
         (["--global_batch_size", "64", "--global_batch_tokens", "9000"], "--global_batch_tokens"),
@@ -199,6 +206,9 @@ def test_ignored_flags_are_errors(extra, flag, capsys):
         ["--lr_scheduler_type", "constant_with_warmup", "--warmup_ratio", "0.1"],
         ["--with_tracking", "--wandb_entity", "x"],
         ["--push_to_hub", "--hf_repo_id", "org/name"],
+        ["--push_to_hub", "--hf_entity", "org", "--hf_repo_id", "name", "--hf_repo_revision", "v1"],
+        ["--push_to_hub", "--push_checkpoints", "--checkpointing_steps", "10"],
+        ["--push_to_hub", "--push_checkpoints", "--checkpointing_steps", "epoch"],
         ["--global_batch_size", "64", "--gradient_accumulation_steps", "4"],
         ["--global_batch_tokens", "65536", "--max_tokens_per_micro_batch", "4096", "--max_seq_length", "4096"],
         ["--checkpointing_steps", "10", "--keep_last_n_checkpoints", "2", "--force_resume"],
@@ -226,6 +236,8 @@ def test_the_same_flags_are_accepted_where_they_apply(extra):
         (["--checkpointing_steps", "abc"], "--checkpointing_steps"),
         (["--checkpointing_steps", "0"], "--checkpointing_steps"),
         (["--checkpointing_steps", "5", "--keep_last_n_checkpoints", "0"], "--keep_last_n_checkpoints"),
+        (["--push_to_hub", "--hf_repo_id", "a/b/c"], "--hf_repo_id"),
+        (["--push_to_hub", "--hf_repo_id", "org/"], "--hf_repo_id"),
         (["--lr_scheduler_type", "bogus"], "bogus"),
         (["--with_tracking", "--report_to", "tensorboard"], "--report_to"),
     ],

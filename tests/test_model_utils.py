@@ -8,14 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from open_instruct import hub, model_utils
+from open_instruct import model_utils
 from open_instruct.data import MixerItem, load_source
 
 
 def args(**overrides):
     values = dict(model_name_or_path="org/model", model_revision=None, tokenizer_name_or_path=None,
-                  tokenizer_revision=None, chat_template_name=None, use_liger_kernel=False, gradient_checkpointing=False,
-                  hf_repo_id=None, exp_name="my_run")
+                  tokenizer_revision=None, chat_template_name=None, use_liger_kernel=False, gradient_checkpointing=False)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -81,41 +80,6 @@ def test_hub_dataset_is_loaded_with_its_pinned_revision_and_split(monkeypatch):
     assert load_source(MixerItem("org/data@v1.2", 1.0, True, "test", "hub")).dataset == rows
     assert load_source(MixerItem("org/data", 1.0, True, "train", "hub")).dataset == rows
     assert calls == [("org/data", "v1.2", "test"), ("org/data", None, "train")]
-
-
-class RecordingApi:
-    def __init__(self, user="alice", fail=False):
-        self.user, self.fail, self.calls = user, fail, []
-
-    def whoami(self):
-        if self.fail:
-            raise OSError("401 Unauthorized")
-        return {"name": self.user}
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-
-
-def test_repo_id_defaults_to_user_and_run_name():
-    assert hub.resolve_repo_id(args(), RecordingApi()) == "alice/my_run"
-    assert hub.resolve_repo_id(args(hf_repo_id="org/model-sft"), RecordingApi()) == "org/model-sft"
-
-
-def test_missing_login_is_a_clear_error_naming_the_fix():
-    with pytest.raises(hub.HubError, match="HF_TOKEN"):
-        hub.resolve_repo_id(args(), RecordingApi(fail=True))
-
-
-def test_push_creates_a_private_repo_and_uploads_without_checkpoints(tmp_path):
-    api = RecordingApi()
-    url = hub.push_folder(tmp_path, "alice/run", api)
-    assert api.calls[0] == ("create_repo", "alice/run", {"private": True, "exist_ok": True})
-    upload = api.calls[1][2]
-    assert upload["folder_path"] == str(tmp_path) and "checkpoints/**" in upload["ignore_patterns"]
-    assert url == "https://huggingface.co/alice/run"
 
 
 def test_packing_probe_passes_for_sdpa_and_catches_a_leaking_forward(tiny_model_dir):

@@ -138,31 +138,115 @@ def test_push_to_hub_without_login_fails_before_training(tiny_model_dir, tmp_pat
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_push_to_hub_uploads_the_final_model(tiny_model_dir, tmp_path):
-    """Runs the trainer in a child process whose HfApi is a recorder, so the real upload path is exercised."""
-    out = tmp_path / "run"
-    calls = tmp_path / "calls.json"
-    script = f"""
-import json, sys
+# A child trainer whose hub client records its calls in argv[1]: uploads to the paths in argv[2] (a JSON list; null is
+# the final model) answer HTTP 403. The trainer's own arguments follow.
+RECORDING_HUB = """
+import json, os, sys, time
+from pathlib import Path
+import httpx2
+from huggingface_hub.errors import HfHubHTTPError
 import open_instruct.hub as hub
+
+calls_file, refused = sys.argv[1], json.loads(sys.argv[2])
+calls = []
+
+def record(method, *args, **kwargs):
+    calls.append([method, list(args), kwargs])
+    Path(calls_file).write_text(json.dumps(calls))
+
 class RecordingApi:
-    def whoami(self): return {{"name": "tester"}}
-    def create_repo(self, repo_id, **kw): record("create_repo", repo_id, kw)
-    def upload_folder(self, **kw): record("upload_folder", kw["repo_id"], {{"files": sorted(__import__("os").listdir(kw["folder_path"])), "ignore": kw["ignore_patterns"]}})
-log = []
-def record(*call):
-    log.append(call); open({str(calls)!r}, "w").write(json.dumps(log))
+    def whoami(self):
+        return {"name": "tester"}
+    def create_repo(self, repo_id, **kwargs):
+        record("create_repo", repo_id, **kwargs)
+    def create_branch(self, repo_id, **kwargs):
+        record("create_branch", repo_id, **kwargs)
+    def upload_folder(self, **kwargs):
+        time.sleep(float(os.environ.get("SLOW_UPLOAD_SECONDS", "0")))  # files are listed after the wait
+        folder = Path(kwargs["folder_path"])
+        record("upload_folder", files=sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+               **kwargs)
+        if kwargs["path_in_repo"] in refused:
+            request = httpx2.Request("POST", "https://huggingface.co/api/models/x/commit")
+            raise HfHubHTTPError("403 Forbidden: no write access", response=httpx2.Response(403, request=request))
+
 hub.HfApi = RecordingApi
 from open_instruct.finetune import main
-main(sys.argv[1:])
+main(sys.argv[3:])
 """
-    run([sys.executable, "-c", script, *with_cache_dir(base_args(tiny_model_dir, out, 2, "--push_to_hub", "--checkpointing_steps", "2"))])
-    recorded = json.loads(calls.read_text())
-    assert recorded[0][:2] == ["create_repo", "tester/finetune"] and recorded[0][2]["private"] is True
-    assert recorded[1][0] == "upload_folder" and recorded[1][1] == "tester/finetune"
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(recorded[1][2]["files"])
-    assert "checkpoints/**" in recorded[1][2]["ignore"]
-    assert json.loads((out / "summary.json").read_text())["hub_url"].endswith("tester/finetune")
+
+
+def run_with_recording_hub(tmp_path, args, refused=(), env=None):
+    calls = tmp_path / "calls.json"
+    result = run([sys.executable, "-c", RECORDING_HUB, str(calls), json.dumps(list(refused)), *with_cache_dir(args)],
+                 env=env)
+    return result, json.loads(calls.read_text())
+
+
+def test_push_to_hub_uploads_checkpoints_and_the_final_model_without_leaking_the_token(tiny_model_dir, tmp_path):
+    """The real upload path in a child process with a recording HfApi: the repo and the run's branch, then each
+    checkpoint and the final model with its card, in order; the token in the environment reaches no output."""
+    out = tmp_path / "run"
+    secrets = ("hf_SentinelTokenDoNotLeak4242", "wandb-sentinel-key-4242")
+    env = clean_env(HF_TOKEN=secrets[0], WANDB_API_KEY=secrets[1])
+    args = base_args(tiny_model_dir, out, 2, "--push_to_hub", "--push_checkpoints", "--checkpointing_steps", "1")
+    result, calls = run_with_recording_hub(tmp_path, args, env=env)
+    assert [c[0] for c in calls] == ["create_repo", "create_branch", "upload_folder", "upload_folder", "upload_folder"]
+    assert calls[0][1] == ["tester/finetune"] and calls[0][2]["private"] is True
+    assert calls[1][1] == ["tester/finetune"] and calls[1][2]["branch"] == "finetune"  # the run name
+    uploads = [c[2] for c in calls[2:]]
+    assert [u["path_in_repo"] for u in uploads] == ["checkpoints/step_1", "checkpoints/step_2", None]
+    assert all(u["repo_id"] == "tester/finetune" and u["revision"] == "finetune" for u in uploads)
+    assert uploads[0]["folder_path"] == str((out / "checkpoints" / "step_1").resolve())
+    assert "COMPLETED" in uploads[0]["files"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(uploads[2]["files"])
+    assert "checkpoints/**" in uploads[2]["ignore_patterns"]
+    assert not any("token" in c[2] for c in calls)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hub_url"] == "https://huggingface.co/tester/finetune/tree/finetune"
+    assert "hub_upload_failed" not in summary
+    card = (out / "README.md").read_text()
+    assert "## Final metrics" in card and f"| last_train_loss | {summary['last_train_loss']} |" in card
+    # The secrets reach no log line and no file of the run.
+    logs = (result.stdout + result.stderr).encode()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for secret in secrets:
+        assert secret.encode() not in logs
+        assert [p for p, content in files.items() if secret.encode() in content] == []
+
+
+def test_failed_hub_uploads_are_reported_at_the_end_and_the_model_stays(tiny_model_dir, tmp_path):
+    """A refused checkpoint upload does not stop training or the next uploads; a refused final upload does not fail
+    the run: both are reported in the summary, with the model on local disk."""
+    out = tmp_path / "run"
+    result, calls = run_with_recording_hub(
+        tmp_path, base_args(tiny_model_dir, out, 2, "--push_to_hub", "--push_checkpoints", "--checkpointing_steps", "1",
+                            "--exp_name", "run7", "--hf_entity", "my-org", "--hf_repo_revision", "try-1"),
+        refused=["checkpoints/step_1", None])
+    uploads = [c[2] for c in calls if c[0] == "upload_folder"]
+    assert [u["path_in_repo"] for u in uploads] == ["checkpoints/step_1", "checkpoints/step_2", None]  # 403: once each
+    assert all(u["repo_id"] == "my-org/run7" and u["revision"] == "try-1" for u in uploads)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hub_url"] == "https://huggingface.co/my-org/run7/tree/try-1"
+    failed = summary["hub_upload_failed"]
+    assert "checkpoints/step_1: HTTP 403" in failed and "final model: HTTP 403" in failed
+    assert "checkpoints/step_2" not in failed
+    assert "hub_upload_failed" in result.stdout and "Hub upload of final model failed" in result.stderr
+    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "step_1" / "COMPLETED").is_file()
+
+
+def test_checkpoints_still_uploading_are_not_pruned_until_their_upload_is_done(tiny_model_dir, tmp_path):
+    """--keep_last_n_checkpoints 1 with slow checkpoint uploads: each checkpoint is still whole when its upload runs
+    (the prune skips it while it is queued), and at the end only the newest is left on disk."""
+    out = tmp_path / "run"
+    _, calls = run_with_recording_hub(
+        tmp_path, base_args(tiny_model_dir, out, 3, "--push_to_hub", "--push_checkpoints", "--checkpointing_steps", "1",
+                            "--keep_last_n_checkpoints", "1"), env=clean_env(SLOW_UPLOAD_SECONDS="1.5"))
+    uploads = [c[2] for c in calls if c[0] == "upload_folder"]
+    assert [u["path_in_repo"] for u in uploads] == ["checkpoints/step_1", "checkpoints/step_2", "checkpoints/step_3",
+                                                    None]
+    assert all("COMPLETED" in u["files"] for u in uploads[:3])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3"]
 
 
 def test_debug_script_interface(tiny_model_dir, tmp_path):
