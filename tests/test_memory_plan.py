@@ -1,0 +1,213 @@
+"""memory_plan: exact parameter counts from configs, ZeRO/offload arithmetic on literal numbers, what the activation
+and logits estimates respond to, and a sanity anchor (Llama-3.1-8B with the Tulu-3 recipe fits an 80 GB GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO
+from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config
+
+from open_instruct.args import parse_args
+from open_instruct.memory_plan import (
+    GiB,
+    activation_bytes_per_token,
+    count_parameters,
+    load_model_config,
+    plan_memory,
+    tokens_per_micro_batch,
+)
+from open_instruct.tiny_model import default_config_path
+
+BASE = ["--model_name_or_path", "m", "--dataset_mixer_list", "synthetic:spelling", "1.0"]
+TULU_3_8B = BASE + ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                    "--max_seq_length", "4096", "--gradient_checkpointing"]  # padding-free is the default
+
+
+def llama_3_1_8b() -> LlamaConfig:
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**json.loads(default_config_path().read_text()), **overrides})
+
+
+def ds(stage: int, **zero) -> dict:
+    return {"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": stage, **zero}}
+
+
+def ds_file(name: str) -> dict:
+    return json.loads((REPO / "configs" / "ds_configs" / name).read_text())
+
+
+# --- parameter counts -------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_count_matches_the_real_model(tiny_model_dir):
+    config, reason = load_model_config(str(tiny_model_dir))
+    assert reason is None
+    real = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert count_parameters(config) == real
+
+
+def test_llama_3_1_8b_count():
+    # per layer: q, o 4096^2 each; k, v 4096x1024 each; MLP 3 x 4096 x 14336; two norms 2 x 4096
+    #   = 33,554,432 + 8,388,608 + 176,160,768 + 8,192 = 218,112,000; x 32 layers = 6,979,584,000
+    # embeddings + untied output layer 2 x 128,256 x 4096 = 1,050,673,152; final norm 4096
+    assert count_parameters(llama_3_1_8b()) == 8_030_261_248
+
+
+def test_olmo_2_7b_count():
+    # OLMo-2-1124-7B: no GQA, QK-norm over all heads, norms after attention and MLP, no input norm.
+    # per layer: q, k, v, o 4 x 4096^2; MLP 3 x 4096 x 11008; q_norm, k_norm, 2 post-norms 4 x 4096
+    #   = 67,108,864 + 135,266,304 + 16,384 = 202,391,552; x 32 layers = 6,476,529,664
+    # embeddings + untied output layer 2 x 100,352 x 4096 = 822,083,584; final norm 4096
+    config = Olmo2Config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=100352, tie_word_embeddings=False)
+    assert count_parameters(config) == 7_298_617_344
+
+
+def test_tied_embeddings_are_counted_once():
+    untied, tied = count_parameters(tiny_config()), count_parameters(tiny_config(tie_word_embeddings=True))
+    assert untied - tied == 272 * 128  # one vocab x hidden matrix fewer
+
+
+def test_load_model_config_failure_is_a_one_line_reason(tmp_path):
+    config, reason = load_model_config(str(tmp_path / "no-such-model"))
+    assert config is None
+    assert reason and "\n" not in reason
+
+
+# --- model states: ZeRO stages and offload ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage, params, grads, optimizer", [
+    (0, 2e9, 2e9, 16e9),          # bf16 weights, bf16 gradients, 16 B/param of optimizer states, all replicated
+    (1, 2e9, 2e9, 16e9 / 8),      # optimizer states partitioned over the 8 GPUs
+    (2, 2e9, 2e9 / 8, 16e9 / 8),  # + gradients
+    (3, 2e9 / 8, 2e9 / 8, 16e9 / 8),  # + parameters
+])
+def test_zero_stages_partition_model_states(stage, params, grads, optimizer):
+    plan = plan_memory(parse_args(BASE), tiny_config(), 10**9, world_size=8, ds_config=ds(stage))
+    assert plan.components["parameters"] == params
+    assert plan.components["gradients"] == grads
+    assert plan.components["optimizer states"] == optimizer
+
+
+def test_ddp_keeps_fp32_weights_and_replicates_everything():
+    plan = plan_memory(parse_args(BASE), tiny_config(), 10**9, world_size=8, ds_config=None)
+    states = {"parameters": 4e9, "gradients": 4e9, "optimizer states": 8e9, "autocast bf16 weight copies": 2e9,
+              "DDP gradient buckets": 4e9}
+    assert {name: plan.components[name] for name in states} == states
+    single = plan_memory(parse_args(BASE), tiny_config(), 10**9, world_size=1, ds_config=None)
+    assert "DDP gradient buckets" not in single.components  # one process: no DDP wrapper
+
+
+def test_offload_moves_model_states_to_cpu():
+    offload = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    on_gpu = plan_memory(parse_args(BASE), tiny_config(), 10**9, 8, ds(3))
+    plan = plan_memory(parse_args(BASE), tiny_config(), 10**9, 8, ds(3, **offload), gpus_per_node=4)
+    assert plan.components["parameters"] == plan.components["gradients"] == plan.components["optimizer states"] == 0
+    assert plan.cpu_bytes_per_gpu == (16e9 + 2e9) / 8  # optimizer states and bf16 parameter partitions
+    assert plan.cpu_bytes_per_node == 4 * plan.cpu_bytes_per_gpu
+    assert on_gpu.total_bytes - plan.total_bytes == (16e9 + 2e9 + 2e9) / 8
+
+    optimizer_only = plan_memory(parse_args(BASE), tiny_config(), 10**9, 8, ds(2, offload_optimizer={"device": "cpu"}))
+    assert optimizer_only.components["optimizer states"] == 0 and optimizer_only.cpu_bytes_per_gpu == 16e9 / 8
+    assert optimizer_only.components["parameters"] == 2e9  # stage 2 keeps every GPU's full bf16 copy
+
+
+def test_zero3_buffers_follow_accelerate_auto_values():
+    # tiny model: h = 128; largest module = an MLP projection, 128 x 384 = 49,152 parameters (the embedding is
+    # 272 x 128 = 34,816).
+    # accelerate's "auto": prefetch bucket int(0.9 h^2) = 14,745, reduce bucket h^2 = 16,384.
+    zero = {"overlap_comm": True, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}
+    plan = plan_memory(parse_args(BASE), tiny_config(), 10**6, 8, ds(3, **zero))
+    gathered, gradient, buckets = 2 * (49_152 + 14_745), 2 * 49_152, 4.5 * 2 * 16_384
+    assert plan.components["ZeRO buffers"] == int(gathered + gradient + buckets)
+    capped = plan_memory(parse_args(BASE), tiny_config(), 10**6, 8, ds(3, **zero, stage3_max_live_parameters=1000))
+    assert capped.components["ZeRO buffers"] == int(2 * 1000 + gradient + buckets)
+
+
+def test_zero2_buckets_follow_deepspeed_guidance():
+    # 5e8-element reduce and all-gather buckets with overlap_comm: 5e8 x 2 bytes x 2 x 4.5 = 9 GB
+    plan = plan_memory(parse_args(BASE), tiny_config(), 10**9, 8, ds_file("stage2_no_offloading_accelerate.conf"))
+    assert plan.components["ZeRO buffers"] == 9e9
+
+
+# --- activations and logits ----------------------------------------------------------------------------------------
+
+
+def test_tokens_per_micro_batch():
+    assert tokens_per_micro_batch(parse_args(BASE + ["--per_device_train_batch_size", "4",
+                                                     "--max_seq_length", "1024"]), 8) == 4096
+    packed = parse_args(BASE + ["--global_batch_size", "128", "--max_tokens_per_micro_batch", "16384",
+                                "--max_seq_length", "4096"])
+    assert tokens_per_micro_batch(packed, 8) == 16384
+    by_examples = parse_args(BASE + ["--global_batch_size", "128", "--max_seq_length", "4096"])
+    assert tokens_per_micro_batch(by_examples, 8) == 16 * 4096  # 128 examples / 8 GPUs, one micro-step
+    by_tokens = parse_args(BASE + ["--global_batch_tokens", "80000", "--gradient_accumulation_steps", "2",
+                                   "--max_seq_length", "1000"])
+    assert tokens_per_micro_batch(by_tokens, 4) == 10000 + 1000  # the share plus one example of imbalance
+
+
+def test_llama_8b_layer_activations_per_token():
+    # bf16, HF RMSNorm (2 x 8h), GQA attention (2q + 2kv = 2.5h, x 2 bytes), SwiGLU 4 x 2 x 14336: 49h bytes
+    assert activation_bytes_per_token(llama_3_1_8b(), parse_args(BASE), 2, 4096) == 49 * 4096
+
+
+def test_gradient_checkpointing_lowers_activations():
+    config = llama_3_1_8b()
+    plain = plan_memory(parse_args(BASE + ["--max_seq_length", "4096"]), config, 8 * 10**9, 64, ds(3))
+    checkpointed = plan_memory(parse_args(BASE + ["--max_seq_length", "4096", "--gradient_checkpointing"]), config,
+                               8 * 10**9, 64, ds(3))
+    layers_inputs = 32 * 4096 * 4096 * 2  # the checkpoints: every layer's bf16 input
+    assert checkpointed.components["activations"] < plain.components["activations"] / 10
+    assert checkpointed.components["activations"] > layers_inputs
+
+
+def test_chunked_loss_lowers_the_logits_term():
+    config, tokens = llama_3_1_8b(), 4096
+    unfused = plan_memory(parse_args(BASE + ["--max_seq_length", str(tokens)]), config, 8 * 10**9, 64, ds(3))
+    assert unfused.components["loss logits"] == 12 * tokens * 128256  # three fp32 [tokens x vocab] tensors
+    chunked = plan_memory(parse_args(BASE + ["--max_seq_length", str(tokens), "--use_liger_kernel",
+                                             "--loss_chunk_size", "1024"]), config, 8 * 10**9, 64, ds(3))
+    assert chunked.components["loss logits"] == (2 + 4) * 1024 * 128256 + 2 * tokens * 4096
+    assert chunked.components["loss logits"] < unfused.components["loss logits"] / 3
+
+
+def test_eager_attention_adds_the_quadratic_scores():
+    flash = plan_memory(parse_args(BASE + ["--max_seq_length", "4096"]), llama_3_1_8b(), 8 * 10**9, 64, ds(3))
+    eager = plan_memory(parse_args(BASE + ["--max_seq_length", "4096", "--attn_implementation", "eager"]),
+                        llama_3_1_8b(), 8 * 10**9, 64, ds(3))
+    scores = 32 * 4096 * 32 * 4096 * 6  # layers x tokens x heads x row length x (fp32 softmax + bf16 copy)
+    assert eager.components["activations"] - flash.components["activations"] == scores
+
+
+# --- the sanity anchor and the printed table -----------------------------------------------------------------------
+
+
+def test_llama_8b_tulu_recipe_fits_80gb_with_zero3_not_with_ddp():
+    config = llama_3_1_8b()
+    args = parse_args(TULU_3_8B)
+    num_params = count_parameters(config)
+    zero3 = plan_memory(args, config, num_params, 64, ds_file("stage3_no_offloading_accelerate.conf"))
+    assert zero3.fits(80)
+    assert zero3.total_bytes < 20 * GiB
+    ddp = plan_memory(args, config, num_params, 8, None)
+    model_states = sum(ddp.components[name] for name in ("parameters", "gradients", "optimizer states"))
+    assert model_states == 16 * num_params > 80 * GiB  # 16 bytes/param x 8B = 128 GB before any activation
+    assert not ddp.fits(80)
+
+
+def test_format_prints_every_component_and_the_verdict():
+    plan = plan_memory(parse_args(TULU_3_8B), llama_3_1_8b(), 8 * 10**9, 64,
+                       ds_file("stage3_offloading_accelerate.conf"))
+    text = plan.format(80)
+    for name in plan.components:
+        assert name in text
+    assert "total" in text and "fits in 80 GiB" in text and "offloaded to CPU" in text
+    assert plan.rows()[-1] == ("total", plan.total_bytes / GiB)
+    assert "does NOT fit" in plan.format(4)
