@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from open_instruct import hub
@@ -59,7 +59,7 @@ from open_instruct.model_utils import (
 )
 from open_instruct.optim import build_optimizer, build_scheduler
 from open_instruct.prepare_data import prepare
-from open_instruct.run_info import write_run_record
+from open_instruct.run_info import node_name, write_run_record
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -158,6 +158,7 @@ def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
     """Check that the output directory can be written (before anything expensive), clear unfinished checkpoint
     saves of a killed run, and record the run's config and environment."""
     output = Path(args.output_dir)
+    nodes = gather_object([node_name()])  # every rank takes part; the record shows which machines joined the run
     if accelerator.is_main_process:
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -168,7 +169,7 @@ def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
             raise CheckpointError(f"--output_dir {output} cannot be written ({error}); choose a writable directory.")
         for stale in remove_unfinished_saves(output):
             logger.warning("Removed %s: a checkpoint save that never finished.", stale)
-        write_run_record(output, args, accelerator.num_processes)
+        write_run_record(output, args, accelerator.num_processes, nodes)
     accelerator.wait_for_everyone()
     return output
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
+import socket
 import subprocess
 from pathlib import Path
 
@@ -44,9 +46,16 @@ def git_commit(repo: Path = REPO_DIR) -> dict[str, str | bool | None]:
         return {"commit": None, "uncommitted_changes": None}
 
 
-def write_run_record(output: Path, args: FinetuneArgs, num_processes: int) -> None:
-    """run_config.yaml (every flag, resolved) and environment.json (versions, commit, processes)."""
+def node_name() -> str:
+    """This process's machine: Slurm's node name inside a Slurm job (several "nodes" may share one host), else the
+    host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def write_run_record(output: Path, args: FinetuneArgs, num_processes: int, nodes: list[str] | None = None) -> None:
+    """run_config.yaml (every flag, resolved) and environment.json (versions, commit, processes and, per global
+    rank, the node it ran on)."""
     (output / "run_config.yaml").write_text(yaml.safe_dump(args_to_dict(args), sort_keys=False))
     record = {"packages": package_versions(), "git": git_commit(), "num_processes": num_processes,
-              "platform": platform.platform()}
+              "nodes": nodes, "platform": platform.platform()}
     (output / "environment.json").write_text(json.dumps(record, indent=2))

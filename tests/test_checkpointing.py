@@ -278,7 +278,8 @@ def test_resuming_with_more_processes_keeps_the_global_batches(tiny_model_dir, t
         for key in ("train_loss", "grad_norm", "learning_rate"):
             assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
         assert resumed[step]["total_tokens"] == reference[step]["total_tokens"]
-    assert json.loads((out / "environment.json").read_text())["num_processes"] == 2
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["num_processes"] == 2 and len(environment["nodes"]) == 2  # one entry per rank
 
 
 @pytest.mark.integration

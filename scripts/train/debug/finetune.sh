@@ -11,6 +11,11 @@
 #   DS_CONFIG=configs/ds_configs/stage3_no_offloading_accelerate.conf   use DeepSpeed (unset: no DeepSpeed)
 #   OUTPUT_DIR=output/debug                 where the run goes
 #   PYTHON=python                           interpreter (make debug uses the project's .venv)
+#   BACKEND=slurm|local|print               go through mason.py (see docs/cluster.md) instead of running here:
+#   NUM_NODES=2                               nodes for mason (default 1); NUM_PROCESSES is then per node
+#   GPUS_PER_NODE=0                           GPUs to request per node (default: NUM_PROCESSES if a GPU is
+#                                             visible here, else 0)
+#   MASON_FLAGS="--partition debug"           more mason options, e.g. --dry_run
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -39,7 +44,19 @@ fi
 FLAGS=(--model_name_or_path "$MODEL" --dataset_mixer_list $DATASET --output_dir "$OUTPUT_DIR"
        --exp_name debug_finetune --seed 42 "${RECIPE[@]}" "$@")
 
-if [ -n "$DS_CONFIG" ]; then
+if [ -n "${BACKEND:-}" ]; then
+    # mason checks the flags and the data, then submits (slurm), runs (local) or prints the per-node commands.
+    GPUS=$(nvidia-smi -L >/dev/null 2>&1 && echo "$NUM_PROCESSES" || echo 0)
+    DEEPSPEED=()
+    [ -n "$DS_CONFIG" ] && DEEPSPEED=(--use_deepspeed --deepspeed_config_file "$DS_CONFIG")
+    # shellcheck disable=SC2086  # MASON_FLAGS is a list of words
+    "$PYTHON" mason.py --backend "$BACKEND" --num_nodes "${NUM_NODES:-1}" --gpus_per_node "${GPUS_PER_NODE:-$GPUS}" \
+        --processes_per_node "$NUM_PROCESSES" ${MASON_FLAGS:-} -- \
+        accelerate launch "${DEEPSPEED[@]}" -m open_instruct.finetune "${FLAGS[@]}"
+    if [ "$BACKEND" != local ] || [[ " ${MASON_FLAGS:-} " == *" --dry_run "* ]]; then
+        exit 0  # submitted, printed or dry-run: nothing trained here to sample from
+    fi
+elif [ -n "$DS_CONFIG" ]; then
     accelerate launch --num_processes "$NUM_PROCESSES" --use_deepspeed --deepspeed_config_file "$DS_CONFIG" \
         -m open_instruct.finetune "${FLAGS[@]}"
 elif [ "$NUM_PROCESSES" -gt 1 ] && nvidia-smi -L >/dev/null 2>&1; then

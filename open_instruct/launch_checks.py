@@ -1,0 +1,90 @@
+"""What mason checks before it submits a job, so a typo or a missing dataset fails in seconds on the login node
+instead of after a queue wait on 64 GPUs: the trainer's flags (with the trainer's own parser), the data sources and
+the model (local paths exist; hub repos exist and are readable), and the global batch the layout gives."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from open_instruct.data import DataError, resolve_mixture
+from open_instruct.launch import LaunchError
+
+
+def parse_trainer_flags(script_args: list[str]):
+    """The trainer's flags through the trainer's parser and validation; its message becomes a LaunchError."""
+    from open_instruct.args import parse_args
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse_args(script_args)
+    except SystemExit:
+        message = err.getvalue().strip().splitlines()
+        # argparse prints the usage first; the error is what follows "error:".
+        text = "\n".join(message)
+        detail = text.split("error:", 1)[1].strip() if "error:" in text else text
+        raise LaunchError(f"The trainer's flags are invalid: {detail}") from None
+
+
+def _hub_problem(api, repo_id: str, repo_type: str, revision: str | None) -> tuple[str | None, str | None]:
+    """(error, warning) for a hub repo: an error when the hub says it is not there; a warning when it can't be asked."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    what = f"{repo_type} {repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        api.repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=20)
+    except GatedRepoError:
+        return (f"The {what} is gated: accept its terms on huggingface.co with the account whose token the job "
+                "uses (--secret HF_TOKEN).", None)
+    except RepositoryNotFoundError:
+        return (f"The {what} is not on the Hugging Face Hub (or it is private and this login cannot read it).", None)
+    except RevisionNotFoundError:
+        return f"The {what} has no revision {revision!r}.", None
+    except Exception as exc:  # offline, proxy, timeout: the nodes may still reach it
+        return None, f"could not check the {what} on the hub ({type(exc).__name__}); the job will find out."
+    return None, None
+
+
+def _model_problem(api, name: str, revision: str | None) -> tuple[str | None, str | None]:
+    path = Path(name)
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            return f"Model directory {name} has no config.json (a Hugging Face model folder is needed).", None
+        return None, None
+    return _hub_problem(api, name, "model", revision) if api else (None, None)
+
+
+def check_sources(args, api=None, ask_hub: bool = True) -> list[str]:
+    """Raise LaunchError naming every missing source; return warnings for the ones that could not be checked.
+    Local paths are always checked; hub repos only with `ask_hub`."""
+    from huggingface_hub import HfApi
+
+    api = (api or HfApi()) if ask_hub else None
+    try:
+        items = resolve_mixture(args)  # spec errors, synthetic task names, local files
+    except DataError as exc:
+        raise LaunchError(str(exc)) from None
+    problems = [_model_problem(api, args.model_name_or_path, args.model_revision)]
+    if args.tokenizer_name_or_path:
+        problems.append(_model_problem(api, args.tokenizer_name_or_path, args.tokenizer_revision))
+    for item in items:
+        if item.kind == "hub" and api:
+            repo, _, revision = item.name.partition("@")
+            problems.append(_hub_problem(api, repo, "dataset", revision or None))
+    errors = [error for error, _ in problems if error]
+    if errors:
+        raise LaunchError("\n".join(errors))
+    return [warning for _, warning in problems if warning]
+
+
+def global_batch_line(args, world_size: int) -> str:
+    """How big one optimizer step is on this layout, in the user's terms."""
+    if args.global_batch_size:
+        return f"global batch: {args.global_batch_size} examples (fixed; split over {world_size} processes)"
+    if args.global_batch_tokens:
+        return f"global batch: {args.global_batch_tokens} tokens (fixed; split over {world_size} processes)"
+    size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    return (f"global batch: {size} examples = {args.per_device_train_batch_size} per device x "
+            f"{args.gradient_accumulation_steps} accumulation x {world_size} processes")
