@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Without a GPU we install the CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: venv debug test test-fast clean
+.PHONY: venv debug test test-fast clean slurm-deps
 
 venv: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml Makefile
 debug: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/train/debug/finetune.sh
 
-test: $(STAMP)
+test: $(STAMP) slurm-deps
 	$(VENV)/bin/python -m pytest
+
+# The slurm tests start a local Slurm cluster: as root with apt-get this installs Debian's slurm and munge when missing;
+# otherwise (or if apt-get fails, which it reports) it does nothing and those tests skip with the reason.
+slurm-deps:
+	@bash scripts/install_slurm_deps.sh
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not integration and not multiprocess and not slurm"

@@ -7,10 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from slurm_cluster import LocalSlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +32,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from open_instruct.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def slurm_available() -> None:
+    """Skips (with the reason) where a local Slurm cluster cannot start: not root, or Slurm/munge not installed."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(slurm_available, tmp_path_factory) -> Iterator[LocalSlurmCluster]:
+    """One local cluster (slurmctld + node1, node2) for the whole session; its daemons stop when the session ends."""
+    with LocalSlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
 
 
 def clean_env(**extra) -> dict:
