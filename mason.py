@@ -41,7 +41,7 @@ class MasonArgs:
     """The cluster side of a job. Each field's help is its documentation."""
 
     backend: Literal["slurm", "local", "print"] = field(
-        default="slurm", metadata={"help": "slurm: submit with sbatch; local: run here; print: print the node commands."})
+        default="slurm", metadata={"help": "slurm: submit with sbatch; local: run here; print: print node commands."})
     num_nodes: int = field(default=1, metadata={"help": "Machines in the job."})
     gpus_per_node: int = field(
         default=8, metadata={"help": "GPUs requested per node (0: CPU nodes, no GPU request)."})
@@ -67,7 +67,8 @@ class MasonArgs:
         "help": "Tokenize the mixture into the cache here first (python -m open_instruct.prepare_data), so the "
                 "nodes read it instead of each tokenizing; the cache must be on a filesystem the nodes share."})
     skip_hub_checks: bool = field(default=False, metadata={
-        "help": "Do not ask the Hugging Face Hub whether the model and datasets exist (local paths are still checked)."})
+        "help": "Do not ask the Hugging Face Hub whether the model and datasets exist (local paths are still "
+                "checked)."})
     dry_run: bool = field(default=False, metadata={
         "help": "Check everything and print what would run (the sbatch script for slurm), without running it."})
 

@@ -9,7 +9,8 @@ parses it with accelerate's own `launch` parser (so an option accelerate does no
 cluster), keeps the options the user gave, and renders, per node,
 
     accelerate launch --num_machines N --machine_rank R --main_process_ip HOST0 --main_process_port P \
-        --num_processes N*P_node --deepspeed_multinode_launcher standard <the user's other options> -m open_instruct.finetune ...
+        --num_processes N*P_node --deepspeed_multinode_launcher standard <the user's other options> \
+        -m open_instruct.finetune ...
 
 The options that decide the layout (processes, machines, rank, rendezvous) always come from the cluster options; a
 value the user gave for one of them is replaced, and said so, rather than kept by a regex that might miss a spelling.

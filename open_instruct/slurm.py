@@ -72,8 +72,8 @@ def sbatch_script(spec: LaunchSpec, layout: Layout, job: SlurmJob) -> str:
     lines += [f"export {name}={shlex.quote(value)}" for name, value in job.env.items()]
     lines += [f': "${{{name}:?{name} must be set in the environment that submits this job (mason --secret {name})}}"'
               for name in job.secrets]
-    lines += [RENDEZVOUS, 'echo "job $SLURM_JOB_ID: $SLURM_JOB_NUM_NODES node(s), rendezvous $HOST0 ($MAIN_PROCESS_IP)"',
-              ""]
+    lines += [RENDEZVOUS,
+              'echo "job $SLURM_JOB_ID: $SLURM_JOB_NUM_NODES node(s), rendezvous $HOST0 ($MAIN_PROCESS_IP)"', ""]
     # Single quotes keep $SLURM_NODEID for the task's own shell: each node fills in its rank there.
     # The one task per node gets every CPU the node has in the job (srun would otherwise bind it to one).
     task = shell_join(command, wrap=True)

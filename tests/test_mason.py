@@ -203,7 +203,8 @@ def test_each_recipes_final_command_parses_with_the_real_parsers(path):
 def test_trainer_overrides_after_the_double_dash_win():
     result = recipe("scripts/train/olmo2/finetune_7b.sh", "--backend", "print", "--skip_hub_checks", "--",
                     "--learning_rate", "1e-5", "--loss_reduction", "sum")
-    args = parse_trainer_flags(parse_launch_command(["accelerate", *printed_commands(result.stdout)[0][1:]]).script_args)
+    command = printed_commands(result.stdout)[0]
+    args = parse_trainer_flags(parse_launch_command(["accelerate", *command[1:]]).script_args)
     assert (args.learning_rate, args.loss_reduction) == (1e-5, "sum")
 
 
