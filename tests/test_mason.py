@@ -312,3 +312,16 @@ def test_memory_plan_refuses_a_job_that_cannot_fit_unless_forced(tmp_path):
     zero3 = mason("--backend", "print", "--num_nodes", "8", "--gpus_per_node", "8", "--", "accelerate", "launch",
                   "--mixed_precision", "bf16", "--use_deepspeed", "--deepspeed_config_file", ZERO3, *trainer)
     assert "fits in 80" in zero3.stdout and "8.03B parameters" in zero3.stdout
+
+
+@pytest.mark.integration
+def test_prepare_data_fills_the_cache_the_nodes_will_read(tiny_model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    trainer = ["-m", "open_instruct.finetune", "--model_name_or_path", str(tiny_model_dir), "--dataset_mixer_list",
+               "synthetic:spelling", "40", "--dataset_local_cache_dir", str(cache)]
+    result = mason("--backend", "print", "--gpus_per_node", "0", "--prepare_data", "--", "accelerate", "launch",
+                   *trainer)
+    assert "40 examples ready in" in result.stdout and "# node 0:" in result.stdout
+    assert [p.name for p in cache.iterdir()]  # the trainer's cache key: a run with these flags reads it
+    again = run([sys.executable, "-m", "open_instruct.prepare_data", *trainer[2:]])
+    assert "Loading the tokenized mixture from" in again.stdout  # a hit, not a second tokenization
