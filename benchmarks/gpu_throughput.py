@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.packing import lengths as sft_lengths  # noqa: E402
+from open_instruct.flops import PEAK_BF16_TFLOPS, FlopsModel  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=4096,
@@ -54,7 +55,6 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             head_dim=16, vocab_size=1024, max_position_embeddings=4096, tie_word_embeddings=True)
 CONFIGS = ("padding-free+liger", "padding-free", "padded", "padded+liger", "padding-free+liger+gc", "padding-free+gc",
            "padded+gc", "padded+liger+gc")
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, datasheets
 MAX_SEQ_LENGTH = 4096
 
 
@@ -99,13 +99,8 @@ def trainer_args(name: str, model_dir: Path, cli):
 
 
 def model_flops(model, mixture: SyntheticMixture, batch: np.ndarray) -> float:
-    config = model.config
-    block_params = sum(p.numel() for p in model.get_decoder().layers.parameters())
-    tokens = mixture.lengths[batch].sum()
-    trained = mixture.trained_lengths[batch].sum()
-    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * (
-        mixture.lengths[batch].astype(np.float64) ** 2).sum()
-    return 6.0 * block_params * tokens + 6.0 * config.vocab_size * config.hidden_size * trained + attention
+    """The trainer's definition (open_instruct/flops.py), on this step's examples."""
+    return FlopsModel.of(model).step_flops(mixture.lengths[batch], int(mixture.trained_lengths[batch].sum()))
 
 
 def run_config(name: str, model_dir: Path, mixture: SyntheticMixture, accelerator, cli) -> dict:

@@ -196,6 +196,10 @@ class FinetuneArgs:
     )
     # --- logging ---
     logging_steps: int = _field(1, "Log metrics every N optimizer steps (console and metrics.jsonl).")
+    peak_tflops: float | None = _field(
+        None, "Peak dense TFLOP/s of one device, for MFU. Default: NVIDIA's datasheet bf16 figure for H100, H200, "
+        "A100 and L40S; a matrix-multiply measurement on CPU; no MFU on other devices."
+    )
     with_tracking: bool = _field(False, "Also send metrics and the resolved config to an experiment tracker.")
     report_to: str = _field("wandb", "Tracker for --with_tracking. Only 'wandb' is supported.")
     wandb_project_name: str = _field("open_instruct_internal", "wandb project (with --with_tracking).")
@@ -245,6 +249,8 @@ def validate(args: FinetuneArgs) -> None:
         if value is not None and value < 1:
             errors.append(f"--{name} must be at least 1, got {value}.")
     errors += _batch_layout_errors(args)
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        errors.append(f"--peak_tflops must be positive, got {args.peak_tflops}.")
     if args.learning_rate <= 0:
         errors.append(f"--learning_rate must be positive, got {args.learning_rate}.")
     if args.loss_chunk_size < 1:

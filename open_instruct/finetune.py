@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,7 +48,8 @@ from open_instruct.checkpointing import (
 )
 from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
 from open_instruct.loss import scale_for_backward, token_loss_sum
-from open_instruct.metrics import MetricsLogger, RunCounters
+from open_instruct.flops import FlopsModel, peak_flops
+from open_instruct.metrics import MetricsLogger, RunCounters, peak_memory_gb
 from open_instruct.model_utils import (
     ChunkedLossModel,
     ModelSetupError,
@@ -264,9 +266,11 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
             accelerator.backward(
                 scale_for_backward(loss_sum, normalizer, accelerator.num_processes, divisor)
             )
-            if accelerator.sync_gradients and args.clip_grad_norm > 0:
-                # The norm before clipping (DeepSpeed clips inside its step and reports the same quantity).
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.clip_grad_norm))
+            if accelerator.sync_gradients:
+                # The norm before clipping (DeepSpeed clips inside its step and reports the same quantity); without
+                # clipping, an infinite limit measures it and scales by exactly 1.
+                limit = args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf")
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), limit))
             optimizer.step()
             optimizer.zero_grad()
         loss_sum_local += loss_sum.detach().float()
@@ -283,8 +287,9 @@ def backward_divisor(accelerator: Accelerator, micro_steps: int) -> int:
     return micro_steps
 
 
-def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, counters: RunCounters) -> dict:
-    """One metrics.jsonl line (definitions in docs/finetune.md)."""
+def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, counters: RunCounters,
+                telemetry: dict) -> dict:
+    """One metrics.jsonl line (definitions in docs/metrics.md)."""
     record = {
         "step": step + 1,
         "epoch": plan.epochs_done(step),
@@ -294,6 +299,7 @@ def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, 
         "total_tokens_including_padding": counters.total_tokens_including_padding,
         "trained_tokens": counters.trained_tokens,
         **counters.throughput(),
+        **telemetry,
     }
     if result["grad_norm"] is not None:
         record["grad_norm"] = result["grad_norm"]
@@ -359,6 +365,9 @@ def main(argv: list[str] | None = None) -> dict:
         model = ChunkedLossModel(model, args.loss_chunk_size)
     logger.info("Model %s: %.1fM parameters, attention %s, padding-free %s.", args.model_name_or_path,
                 sum(p.numel() for p in model.parameters()) / 1e6, attn, args.padding_free)
+    flops_model = FlopsModel.of(model)  # sizes read before ZeRO-3 partitions the weights
+    peak, peak_source = peak_flops(accelerator.device, args.peak_tflops, model_dtype(accelerator))
+    logger.info("Peak for MFU: %s (%s).", f"{peak / 1e12:.1f} TFLOP/s per device" if peak else "none", peak_source)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -382,16 +391,22 @@ def main(argv: list[str] | None = None) -> dict:
                     dynamic_ncols=True)
     for step in range(start_step, total_steps):
         learning_rate = scheduler.get_last_lr()[0]
-        result = train_step(accelerator, model, optimizer, micro_batches(mixture, plan, step, args, accelerator, pad_id),
-                            args)
+        started = time.perf_counter()
+        batches = micro_batches(mixture, plan, step, args, accelerator, pad_id)
+        counters.data_seconds += time.perf_counter() - started
+        result = train_step(accelerator, model, optimizer, batches, args)
         scheduler.step()
         counters.add(result["tokens"], result["tokens_with_padding"], result["trained_tokens"])
+        counters.model_flops += flops_model.step_flops(mixture.lengths[plan.global_batch(step)], result["trained_tokens"])
         first_loss = result["train_loss"] if first_loss is None else first_loss
         last_loss = result["train_loss"]
         progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{counters.throughput()['per_device_tps']:.0f}")
+        efficiency = counters.efficiency(peak)
+        progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{counters.throughput()['per_device_tps']:.0f}",
+                             mfu=f"{efficiency['mfu']:.1%}" if peak else "n/a")
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
-            metrics_log.log(step_record(step, plan, learning_rate, result, counters), step=step + 1)
+            telemetry = {**efficiency, "peak_memory_gb": peak_memory_gb(accelerator)}  # every rank: it gathers
+            metrics_log.log(step_record(step, plan, learning_rate, result, counters, telemetry), step=step + 1)
         if should_checkpoint(args, step, plan):
             trainer_state = {"step": step + 1, "epoch": plan.epochs_done(step), "first_loss": first_loss,
                              "counters": counters.state(), "identity": identity}
@@ -402,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
                 prune_checkpoints(output, args.keep_last_n_checkpoints, in_use=uploader.busy if uploader else None)
     progress.close()
 
-    train_seconds, final_throughput = counters.elapsed, counters.throughput()
+    train_seconds, final_throughput, efficiency = counters.elapsed, counters.throughput(), counters.efficiency(peak)
+    peak_memory = peak_memory_gb(accelerator)
     save_final_model(accelerator, model, tokenizer, output)
     summary = {
         "steps": total_steps,
@@ -413,6 +429,11 @@ def main(argv: list[str] | None = None) -> dict:
         "total_tokens": counters.total_tokens,
         "trained_tokens": counters.trained_tokens,
         **{key: round(value, 1) for key, value in final_throughput.items()},
+        "trained_tokens_per_sec": round(efficiency["trained_tokens_per_sec"], 1),
+        "tflops_per_device": round(efficiency["tflops"], 4),
+        "mfu": round(efficiency["mfu"], 4) if "mfu" in efficiency else None,
+        "padding_fraction": round(efficiency["padding_fraction"], 4),
+        "peak_memory_gb": round(peak_memory, 2),
         "model_dir": str(output.resolve()),
     }
     if accelerator.is_main_process:

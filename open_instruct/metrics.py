@@ -1,17 +1,20 @@
 """Per-step metrics: console line, OUTPUT_DIR/metrics.jsonl, and the experiment tracker.
 
-Token counts are global (all processes). Throughputs are cumulative since the first step:
-per_device_tps = total_tokens / num_processes / elapsed seconds (padding excluded), and
-per_device_tps_including_padding counts every position the model computed, padding included.
+Token counts are global (all processes). Throughputs are cumulative since this process started training (a resumed
+run counts only its own steps): per_device_tps = tokens / num_processes / elapsed seconds (padding excluded), and
+per_device_tps_including_padding counts every position the model computed, padding included. Every field is
+defined in docs/metrics.md.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 
@@ -21,8 +24,10 @@ class RunCounters:
     total_tokens: int = 0
     total_tokens_including_padding: int = 0
     trained_tokens: int = 0
+    model_flops: float = 0.0  # this run's steps only (open_instruct/flops.py)
+    data_seconds: float = 0.0  # main process: time spent building micro-batches, while the device waits
     start_time: float = field(default_factory=time.perf_counter)
-    tokens_before_start: tuple[int, int] = (0, 0)  # counted by the run this one resumed; not in this run's speed
+    tokens_before_start: tuple[int, int, int] = (0, 0, 0)  # counted by the run this one resumed; not in its speed
 
     def state(self) -> dict:
         return {"total_tokens": self.total_tokens, "total_tokens_including_padding": self.total_tokens_including_padding,
@@ -33,7 +38,7 @@ class RunCounters:
         self.total_tokens = state["total_tokens"]
         self.total_tokens_including_padding = state["total_tokens_including_padding"]
         self.trained_tokens = state["trained_tokens"]
-        self.tokens_before_start = (self.total_tokens, self.total_tokens_including_padding)
+        self.tokens_before_start = (self.total_tokens, self.total_tokens_including_padding, self.trained_tokens)
 
     def add(self, tokens: int, tokens_including_padding: int, trained_tokens: int) -> None:
         self.total_tokens += tokens
@@ -46,11 +51,37 @@ class RunCounters:
 
     def throughput(self) -> dict[str, float]:
         per_device_seconds = self.elapsed * self.num_processes
-        tokens, with_padding = self.tokens_before_start
+        tokens, with_padding, _ = self.tokens_before_start
         return {
             "per_device_tps": (self.total_tokens - tokens) / per_device_seconds,
             "per_device_tps_including_padding": (self.total_tokens_including_padding - with_padding) / per_device_seconds,
         }
+
+    def efficiency(self, peak_flops: float | None) -> dict[str, float]:
+        """MFU and its inputs, cumulative over this run (definitions in docs/metrics.md)."""
+        seconds = self.elapsed
+        tokens, with_padding, trained = self.tokens_before_start
+        computed = self.total_tokens_including_padding - with_padding
+        achieved = self.model_flops / (seconds * self.num_processes)  # model FLOP/s per device
+        values = {
+            "tflops": achieved / 1e12,
+            "padding_fraction": 1.0 - (self.total_tokens - tokens) / computed if computed else 0.0,
+            "trained_tokens_per_sec": (self.trained_tokens - trained) / seconds,
+            "dataloader_wait_fraction": self.data_seconds / seconds,
+        }
+        if peak_flops:
+            values["mfu"] = achieved / peak_flops
+        return values
+
+
+def peak_memory_gb(accelerator) -> float:
+    """The largest peak over all processes, GiB: allocated CUDA memory on GPUs, the process's peak resident memory
+    (RSS) on CPU. Every process must call it (it gathers)."""
+    if accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return float(accelerator.gather(torch.tensor([peak], device=accelerator.device)).max())
 
 
 class MetricsLogger:
@@ -82,6 +113,7 @@ def lines_up_to(path: Path, step: int) -> list[str]:
 
 
 def format_line(m: dict) -> str:
+    mfu = f" | mfu {m['mfu']:.1%}" if "mfu" in m else ""
     return (f"step {m['step']:>5} | epoch {m['epoch']:.2f} | loss {m['train_loss']:.4f} | lr {m['learning_rate']:.2e} "
             f"| tokens {m['total_tokens']} | tok/s/device {m['per_device_tps']:.0f} "
-            f"(incl. padding {m['per_device_tps_including_padding']:.0f})")
+            f"(incl. padding {m['per_device_tps_including_padding']:.0f}){mfu} | mem {m['peak_memory_gb']:.1f} GiB")

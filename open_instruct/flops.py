@@ -1,0 +1,86 @@
+"""Model FLOPs of a training step and the device's peak, for MFU (model FLOPs utilization).
+
+Model FLOPs count the work the model needs, not what the hardware did (recomputation under gradient checkpointing
+and padding are not counted), for one optimizer step over examples of lengths s_i with T = sum(s_i) real tokens:
+
+    6 * N_blocks * T                           every weight of the transformer blocks: 2 FLOPs per multiply-add,
+                                               x3 for forward + backward (input and weight gradients)
+  + 6 * vocab * hidden * trained_tokens         the output layer, where the loss needs logits
+  + 6 * layers * heads * head_dim * sum(s_i^2)  causal attention (QK^T and AV: 4 s^2 d per head forward, halved by the
+                                               causal mask, x3 for the backward); each example attends only to itself
+
+MFU = model FLOPs per second per device / the device's peak dense bf16 FLOP/s (a table of datasheet figures for
+NVIDIA GPUs; on a CPU, a matrix-multiply measurement of this machine in the training dtype; or --peak_tflops).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched against the device name.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0,
+                    "L40S": 362.05}
+
+
+def _numel(parameter: torch.nn.Parameter) -> int:
+    return int(getattr(parameter, "ds_numel", parameter.numel()))  # ZeRO-3 partitions leave numel() at 0
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """The sizes that decide a causal LM's training FLOPs."""
+
+    block_params: int  # parameters of the transformer blocks (not the embedding, final norm or output layer)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    attention_width: int  # heads x head_dim (the query width)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> FlopsModel:
+        """From a Hugging Face causal LM (or a wrapper whose `.lm` is one, like ChunkedLossModel)."""
+        model = getattr(model, "lm", model)
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        blocks = model.get_decoder().layers
+        return cls(block_params=sum(_numel(p) for p in blocks.parameters()), vocab_size=config.vocab_size,
+                   hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                   attention_width=config.num_attention_heads * head_dim)
+
+    def step_flops(self, lengths: np.ndarray, trained_tokens: int) -> float:
+        """Model FLOPs of one optimizer step over examples of these lengths (see the module docstring)."""
+        lengths = np.asarray(lengths, dtype=np.float64)
+        dense = 6.0 * self.block_params * lengths.sum()
+        output_layer = 6.0 * self.vocab_size * self.hidden_size * trained_tokens
+        attention = 6.0 * self.num_layers * self.attention_width * (lengths ** 2).sum()
+        return dense + output_layer + attention
+
+
+def measured_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of square matrix multiplies on this CPU in `dtype`: the practical peak a CPU run can reach."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up: thread pool and caches
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    return 2.0 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, declared_tflops: float | None, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the figure comes from); None where no figure is known."""
+    if declared_tflops:
+        return declared_tflops * 1e12, "declared (--peak_tflops)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+        if tflops is None:
+            return None, f"unknown GPU {name!r}: pass --peak_tflops for MFU"
+        return tflops * 1e12, f"{name} datasheet, dense bf16"
+    if device.type == "cpu":
+        return measured_cpu_peak_flops(dtype), f"measured {str(dtype).replace('torch.', '')} matmul on this CPU"
+    return None, f"no peak figure for {device.type}: pass --peak_tflops for MFU"
