@@ -61,6 +61,7 @@ from open_instruct.model_utils import (
 )
 from open_instruct.optim import build_optimizer, build_scheduler
 from open_instruct.prepare_data import prepare
+from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
 
 logger = logging.getLogger("open_instruct.finetune")
@@ -444,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
             summary.update(hub.summary_fields(uploader.finish()))  # waits; failures are reported, not raised
             prune_checkpoints(output, args.keep_last_n_checkpoints)  # those kept while they were uploading
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["report"] = str(write_run_report(output))  # plots + report.md; a failure is a warning, never fatal
         print_summary(summary)
     accelerator.end_training()
     shut_down_process_group(accelerator)
