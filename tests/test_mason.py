@@ -326,3 +326,32 @@ def test_prepare_data_fills_the_cache_the_nodes_will_read(tiny_model_dir, tmp_pa
     assert [p.name for p in cache.iterdir()]  # the trainer's cache key: a run with these flags reads it
     again = run([sys.executable, "-m", "open_instruct.prepare_data", *trainer[2:]])
     assert "Loading the tokenized mixture from" in again.stdout  # a hit, not a second tokenization
+
+
+def test_every_cluster_option_reaches_the_script_or_the_commands(tmp_path):
+    """Each option changes what is written; an option accepted and ignored would leave its mark out."""
+    hub_model = ["-m", "open_instruct.finetune", "--model_name_or_path", "org/model", "--dataset_mixer_list",
+                 "org/data", "1.0"]
+    result = mason("--dry_run", "--num_nodes", "2", "--gpus_per_node", "8", "--processes_per_node", "4",
+                   "--cpus_per_node", "16", "--qos", "high", "--job_name", "my-job", "--output_dir", str(tmp_path),
+                   "--main_process_port", "1234", "--skip_hub_checks", "--", "accelerate", "launch", *hub_model)
+    script = result.stdout
+    for directive in ("--cpus-per-task=16", "--qos=high", "--job-name=my-job",
+                      f"--output={tmp_path}/logs/my-job-%j.out"):
+        assert f"#SBATCH {directive}\n" in script
+    assert "#SBATCH --exclusive" not in script  # CPUs sized explicitly: no whole-node request
+    assert "--num_processes 8 \\" in script and "--main_process_port 1234 \\" in script  # 2 nodes x 4 processes
+    assert "could not check" not in result.stdout  # --skip_hub_checks: the hub was not asked
+    asked = mason("--backend", "print", "--", "accelerate", "launch", *hub_model)  # offline here: a warning
+    assert "warning: could not check the model org/model" in asked.stdout
+
+
+def test_gpu_memory_gb_sets_the_limit_of_the_memory_plan(tmp_path):
+    model = str(llama_8b_shaped_config(tmp_path / "llama-8b"))
+    command = ["--backend", "print", "--num_nodes", "8", "--gpus_per_node", "8", "--", "accelerate", "launch",
+               "--mixed_precision", "bf16", "--use_deepspeed", "--deepspeed_config_file", ZERO3, "-m",
+               "open_instruct.finetune", "--model_name_or_path", model, "--dataset_mixer_list", "synthetic:spelling",
+               "10", "--max_seq_length", "4096", "--gradient_checkpointing", "--use_liger_kernel"]
+    assert "fits in 80" in mason(*command).stdout
+    small = mason("--gpu_memory_gb", "8", *command, check=False)
+    assert small.returncode == 2 and "more than --gpu_memory_gb 8 allows" in small.stderr
