@@ -142,12 +142,12 @@ def run_prepare_data(spec: LaunchSpec) -> None:
         raise LaunchError("Preparing the data failed (see above); nothing was submitted.")
 
 
-def print_plan(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, warnings: list[str]) -> None:
-    from open_instruct.launch_checks import global_batch_line
+def print_plan(spec: LaunchSpec, layout: Layout, trainer_args, warnings: list[str]) -> None:
+    from open_instruct.args import describe_global_batch
 
     print(f"job: {layout.num_nodes} node(s) x {layout.processes_per_node} process(es) = {layout.world_size} "
           f"processes ({'DeepSpeed ' + str(spec.deepspeed_config_file) if spec.use_deepspeed else 'DDP'})")
-    print(global_batch_line(trainer_args, layout.world_size))
+    print(f"global batch: {describe_global_batch(trainer_args, layout.world_size)}")
     if spec.replaced:
         print(f"note: replaced {' '.join(spec.replaced)} from the command with the cluster layout")
     for warning in warnings:
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings = check_secrets(args.secret, launching=args.backend != "print" and not args.dry_run)
         layout = layout_of(args)
         warnings += check_sources(trainer_args, ask_hub=not args.skip_hub_checks)
-        print_plan(args, spec, layout, trainer_args, warnings)
+        print_plan(spec, layout, trainer_args, warnings)
         check_memory(args, spec, layout, trainer_args)
         if args.prepare_data and not args.dry_run:
             run_prepare_data(spec)

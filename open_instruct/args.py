@@ -420,3 +420,18 @@ def _unknown_flags_message(unknown: list[str]) -> str:
 
 def args_to_dict(args: FinetuneArgs) -> dict:
     return dataclasses.asdict(args)
+
+
+def describe_global_batch(args: FinetuneArgs, num_processes: int | None) -> str:
+    """How big one optimizer step is, in the user's terms (model card, mason's launch plan); None: processes unknown."""
+    if args.global_batch_tokens is not None:
+        return f"{args.global_batch_tokens} tokens per optimizer step (--global_batch_tokens)"
+    if args.global_batch_size is not None:
+        return f"{args.global_batch_size} examples per optimizer step (--global_batch_size)"
+    per_device = (f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
+                  "steps")
+    if num_processes is None:
+        return f"{per_device} x the number of processes, in examples per optimizer step"
+    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    return (f"{per_device} x {num_processes} process{'es' if num_processes != 1 else ''} = {total} examples per "
+            "optimizer step")

@@ -24,6 +24,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+from open_instruct.args import describe_global_batch
 from open_instruct.data import DataError, MixerItem, resolve_mixture
 
 logger = logging.getLogger("open_instruct.hub")
@@ -242,20 +243,6 @@ def _mixture_rows(items: list[MixerItem], stats: list[dict]) -> list[str]:
     return rows
 
 
-def _global_batch(args, num_processes: int | None) -> str:
-    if args.global_batch_tokens is not None:
-        return f"{args.global_batch_tokens} tokens per optimizer step (--global_batch_tokens)"
-    if args.global_batch_size is not None:
-        return f"{args.global_batch_size} examples per optimizer step (--global_batch_size)"
-    per_device = (f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
-                  "steps")
-    if num_processes is None:
-        return f"{per_device} x the number of processes, in examples per optimizer step"
-    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
-    return (f"{per_device} x {num_processes} process{'es' if num_processes != 1 else ''} = {total} examples per "
-            "optimizer step")
-
-
 def _schedule(args) -> str:
     parts = [args.lr_scheduler_type]
     if args.lr_scheduler_type != "constant":
@@ -297,7 +284,7 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
         "weight decay": args.weight_decay,
         "gradient clipping": args.clip_grad_norm if args.clip_grad_norm > 0 else "off",
         "training length": length,
-        "global batch": _global_batch(args, num_processes),
+        "global batch": describe_global_batch(args, num_processes),
         "max_seq_length": f"{args.max_seq_length} (truncation: {args.truncation})",
         "train_on": args.train_on,
         "loss_reduction": args.loss_reduction,

@@ -75,15 +75,17 @@ class Layout:
         return self.num_nodes * self.processes_per_node
 
 
-def _parse_quietly(parser: argparse.ArgumentParser, tokens: list[str]) -> argparse.Namespace:
-    """argparse exits on an error after printing to stderr; turn that into a LaunchError carrying its message."""
+def parse_quietly(parse, what: str):
+    """Call an argparse-based `parse()`; argparse exits on an error after printing usage and the error to stderr,
+    so turn that into a LaunchError: `what`, then the error's own words."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return parser.parse_args(tokens)
+            return parse()
     except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        raise LaunchError("accelerate launch: " + (lines[-1] if lines else "invalid options")) from None
+        text = err.getvalue().strip()
+        detail = text.split("error:", 1)[1].strip() if "error:" in text else (text or "invalid options")
+        raise LaunchError(f"{what}: {detail}") from None
 
 
 def _option_tokens(parser: argparse.ArgumentParser, namespace: argparse.Namespace, names: set[str]) -> list[str]:
@@ -113,7 +115,7 @@ def parse_launch_command(argv: list[str]) -> LaunchSpec:
         raise LaunchError(f"The training command must start with 'accelerate launch' (got {shown!r}), e.g. "
                           f"-- accelerate launch -m {TRAINER_MODULE} --model_name_or_path ...")
     parser = launch_command_parser()
-    namespace = _parse_quietly(parser, argv[2:])
+    namespace = parse_quietly(lambda: parser.parse_args(argv[2:]), "accelerate launch")
     script = namespace.training_script
     if not (namespace.module and script == TRAINER_MODULE) and not str(script).endswith(TRAINER_SCRIPT):
         raise LaunchError(f"mason launches the trainer ({'-m ' + TRAINER_MODULE} or {TRAINER_SCRIPT}), got {script!r}: "

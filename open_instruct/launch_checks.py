@@ -1,31 +1,20 @@
 """What mason checks before it submits a job, so a typo or a missing dataset fails in seconds on the login node
 instead of after a queue wait on 64 GPUs: the trainer's flags (with the trainer's own parser), the data sources and
-the model (local paths exist; hub repos exist and are readable), and the global batch the layout gives."""
+the model (local paths exist; hub repos exist and are readable)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 from open_instruct.data import DataError, resolve_mixture
-from open_instruct.launch import LaunchError
+from open_instruct.launch import LaunchError, parse_quietly
 
 
 def parse_trainer_flags(script_args: list[str]):
     """The trainer's flags through the trainer's parser and validation; its message becomes a LaunchError."""
     from open_instruct.args import parse_args
 
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return parse_args(script_args)
-    except SystemExit:
-        message = err.getvalue().strip().splitlines()
-        # argparse prints the usage first; the error is what follows "error:".
-        text = "\n".join(message)
-        detail = text.split("error:", 1)[1].strip() if "error:" in text else text
-        raise LaunchError(f"The trainer's flags are invalid: {detail}") from None
+    return parse_quietly(lambda: parse_args(script_args), "The trainer's flags are invalid")
 
 
 def _hub_problem(api, repo_id: str, repo_type: str, revision: str | None) -> tuple[str | None, str | None]:
@@ -77,14 +66,3 @@ def check_sources(args, api=None, ask_hub: bool = True) -> list[str]:
     if errors:
         raise LaunchError("\n".join(errors))
     return [warning for _, warning in problems if warning]
-
-
-def global_batch_line(args, world_size: int) -> str:
-    """How big one optimizer step is on this layout, in the user's terms."""
-    if args.global_batch_size:
-        return f"global batch: {args.global_batch_size} examples (fixed; split over {world_size} processes)"
-    if args.global_batch_tokens:
-        return f"global batch: {args.global_batch_tokens} tokens (fixed; split over {world_size} processes)"
-    size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    return (f"global batch: {size} examples = {args.per_device_train_batch_size} per device x "
-            f"{args.gradient_accumulation_steps} accumulation x {world_size} processes")

@@ -14,7 +14,7 @@ from conftest import REPO, clean_env, run
 from open_instruct.launch import (
     Layout, LaunchError, ShellVar, node_command, parse_env_assignments, parse_launch_command, shell_join,
 )
-from open_instruct.launch_checks import check_sources, global_batch_line, parse_trainer_flags
+from open_instruct.launch_checks import check_sources, parse_trainer_flags
 
 ZERO3 = "configs/ds_configs/stage3_no_offloading_accelerate.conf"
 TRAINER = ["-m", "open_instruct.finetune", "--model_name_or_path", "m", "--dataset_mixer_list", "synthetic:spelling",
@@ -136,10 +136,11 @@ def test_an_unreachable_hub_is_a_warning_not_an_error():
     assert check_sources(hub_args("org/mixture", "1.0"), api=hub, ask_hub=False) == [] and hub.asked == []
 
 
-def test_global_batch_line_names_the_factors():
-    args = parse_trainer_flags([*TRAINER[2:], "--gradient_accumulation_steps", "2"])
-    assert global_batch_line(args, 64) == ("global batch: 128 examples = 1 per device x 2 accumulation x 64 "
-                                           "processes")
+def test_mason_prints_the_global_batch_with_its_factors():
+    result = mason("--backend", "print", "--num_nodes", "8", "--gpus_per_node", "8", "--", "accelerate", "launch",
+                   *TRAINER, "--gradient_accumulation_steps", "2")
+    assert ("global batch: 1 per device x 2 accumulation steps x 64 processes = 128 examples per optimizer step"
+            in result.stdout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_each_recipes_final_command_parses_with_the_real_parsers(path):
         4096, 1, True, True)
     assert args.chat_template_name == "tulu" and args.add_bos == ("olmo2" in path)
     assert args.loss_reduction == ("sum" if "tulu3" in path else "mean")
-    assert f"global batch: {64 * accumulation} examples" in stdout
+    assert f"processes = {64 * accumulation} examples per optimizer step" in stdout
 
 
 def test_trainer_overrides_after_the_double_dash_win():
@@ -211,7 +212,7 @@ def test_trainer_overrides_after_the_double_dash_win():
 def test_a_typo_in_a_recipe_stops_mason_before_anything_runs(tmp_path):
     broken = tmp_path / "scripts" / "train" / "x" / "finetune.sh"
     broken.parent.mkdir(parents=True)
-    text = (REPO / "scripts/train/olmo2/finetune_7b.sh").read_text().replace("--warmup_ratio", "--warmup_ration")
+    text = (REPO / "scripts/train/tulu3/finetune_8b.sh").read_text().replace("--warmup_ratio", "--warmup_ration")
     broken.write_text(text.replace('cd "$(dirname "$0")/../../.."', f"cd {shlex.quote(str(REPO))}"))
     result = run(["bash", str(broken), "--backend", "print", "--skip_hub_checks"], check=False,
                  env=clean_env(PYTHON=sys.executable))
@@ -325,3 +326,32 @@ def test_prepare_data_fills_the_cache_the_nodes_will_read(tiny_model_dir, tmp_pa
     assert [p.name for p in cache.iterdir()]  # the trainer's cache key: a run with these flags reads it
     again = run([sys.executable, "-m", "open_instruct.prepare_data", *trainer[2:]])
     assert "Loading the tokenized mixture from" in again.stdout  # a hit, not a second tokenization
+
+
+def test_every_cluster_option_reaches_the_script_or_the_commands(tmp_path):
+    """Each option changes what is written; an option accepted and ignored would leave its mark out."""
+    hub_model = ["-m", "open_instruct.finetune", "--model_name_or_path", "org/model", "--dataset_mixer_list",
+                 "org/data", "1.0"]
+    result = mason("--dry_run", "--num_nodes", "2", "--gpus_per_node", "8", "--processes_per_node", "4",
+                   "--cpus_per_node", "16", "--qos", "high", "--job_name", "my-job", "--output_dir", str(tmp_path),
+                   "--main_process_port", "1234", "--skip_hub_checks", "--", "accelerate", "launch", *hub_model)
+    script = result.stdout
+    for directive in ("--cpus-per-task=16", "--qos=high", "--job-name=my-job",
+                      f"--output={tmp_path}/logs/my-job-%j.out"):
+        assert f"#SBATCH {directive}\n" in script
+    assert "#SBATCH --exclusive" not in script  # CPUs sized explicitly: no whole-node request
+    assert "--num_processes 8 \\" in script and "--main_process_port 1234 \\" in script  # 2 nodes x 4 processes
+    assert "could not check" not in result.stdout  # --skip_hub_checks: the hub was not asked
+    asked = mason("--backend", "print", "--", "accelerate", "launch", *hub_model)  # offline here: a warning
+    assert "warning: could not check the model org/model" in asked.stdout
+
+
+def test_gpu_memory_gb_sets_the_limit_of_the_memory_plan(tmp_path):
+    model = str(llama_8b_shaped_config(tmp_path / "llama-8b"))
+    command = ["--backend", "print", "--num_nodes", "8", "--gpus_per_node", "8", "--", "accelerate", "launch",
+               "--mixed_precision", "bf16", "--use_deepspeed", "--deepspeed_config_file", ZERO3, "-m",
+               "open_instruct.finetune", "--model_name_or_path", model, "--dataset_mixer_list", "synthetic:spelling",
+               "10", "--max_seq_length", "4096", "--gradient_checkpointing", "--use_liger_kernel"]
+    assert "fits in 80" in mason(*command).stdout
+    small = mason("--gpu_memory_gb", "8", *command, check=False)
+    assert small.returncode == 2 and "more than --gpu_memory_gb 8 allows" in small.stderr
