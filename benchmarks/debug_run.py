@@ -43,6 +43,9 @@ def main() -> None:
     print(f"training time:         {summary['train_seconds']:.1f} s for {summary['steps']} steps")
     print(f"train loss:            {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}")
     print(f"tokens/s per device:   {summary['per_device_tps']:.0f} (padding-free: same with padding)")
+    for name in ("eval_loss", "eval_bits_per_byte", "eval_centered_accuracy"):
+        if f"initial_{name}" in summary:
+            print(f"{name + ':':<22} {summary[f'initial_{name}']:.3f} -> {summary[f'final_{name}']:.3f} (before -> after)")
     if match:
         print(f"held-out exact match:  {match.group(1)}/{match.group(2)}")
 

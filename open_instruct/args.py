@@ -194,6 +194,43 @@ class FinetuneArgs:
         False, "Also upload each saved checkpoint, to checkpoints/step_N on the run's branch. Needs --push_to_hub and "
         "--checkpointing_steps.",
     )
+    # --- evaluation (open_instruct/evaluation.py; see docs/finetune.md) ---
+    eval_dataset_mixer_list: list[str] = _field(
+        [],
+        "Eval loss set as pairs 'name amount ...', the same spec as --dataset_mixer_list; its rows are tokenized "
+        "and masked like training rows. Split: see --eval_dataset_mixer_list_splits. Logs eval_loss and "
+        "eval_bits_per_byte.",
+    )
+    eval_dataset_mixer_list_splits: list[str] = _field(
+        [],
+        "Split of each eval source: one for all, or one per source. Default: 'test' for synthetic and hub sources "
+        "(synthetic tasks' held-out split); a local file is read whole.",
+    )
+    eval_fraction: float | None = _field(
+        None,
+        "Hold out this fraction (0 < f < 1) of the training mixture's distinct examples as the eval loss set; they are "
+        "removed from training. Chosen by a seeded hash of each example's tokens: a pure function of the mixture and "
+        "--seed (copies of a repeated row all fall on the same side). Instead of --eval_dataset_mixer_list.",
+    )
+    eval_tasks: list[str] = _field(
+        [],
+        "Accuracy tasks: synthetic task names (spelling, reverse, letter_count, arithmetic: greedy generation, exact "
+        "match on their held-out test split) and mc:<file.jsonl> (multiple choice, fields question, choices, answer "
+        "as index or letter: the option with the highest log-likelihood as the assistant reply wins).",
+    )
+    eval_every: int | None = _field(
+        None,
+        "Evaluate every N optimizer steps. With any eval set the run is always evaluated before training (step 0, "
+        "not repeated on resume) and after the last step.",
+    )
+    eval_max_examples: int | None = _field(
+        None, "At most this many examples per task and in the eval loss set (a seeded sample of it). Default: all."
+    )
+    eval_batch_size: int | None = _field(
+        None,
+        "Examples per eval forward pass (and prompts per generate call) on each device. Default: "
+        "--per_device_train_batch_size. Without --use_liger_kernel a forward holds the batch's full logits.",
+    )
     # --- logging ---
     logging_steps: int = _field(1, "Log metrics every N optimizer steps (console and metrics.jsonl).")
     peak_tflops: float | None = _field(
@@ -294,6 +331,7 @@ def validate(args: FinetuneArgs) -> None:
             if _changed(args, name):
                 errors.append(f"--{name} has no effect without --with_tracking.")
     errors += _hub_errors(args)
+    errors += _eval_errors(args)
     if errors:
         raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(errors))
 
@@ -310,6 +348,36 @@ def _hub_errors(args: FinetuneArgs) -> list[str]:
                       "the owner once (--hf_repo_id name with --hf_entity, or --hf_repo_id org/name alone).")
     if args.push_checkpoints and args.checkpointing_steps is None:
         errors.append("--push_checkpoints needs --checkpointing_steps (no checkpoints are saved without it).")
+    return errors
+
+
+def has_eval(args: FinetuneArgs) -> bool:
+    return bool(args.eval_dataset_mixer_list or args.eval_fraction is not None or args.eval_tasks)
+
+
+def _eval_errors(args: FinetuneArgs) -> list[str]:
+    from open_instruct.synthetic import TASKS  # light: the task generators only
+
+    errors = []
+    for name in ("eval_every", "eval_max_examples", "eval_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            errors.append(f"--{name} must be at least 1, got {value}.")
+        if value is not None and not has_eval(args):
+            errors.append(f"--{name} has no effect without an eval set (--eval_dataset_mixer_list, --eval_fraction "
+                          "or --eval_tasks).")
+    if args.eval_fraction is not None and not 0.0 < args.eval_fraction < 1.0:
+        errors.append(f"--eval_fraction must be between 0 and 1 (exclusive), got {args.eval_fraction}.")
+    if args.eval_fraction is not None and args.eval_dataset_mixer_list:
+        errors.append("--eval_fraction and --eval_dataset_mixer_list are two eval loss sets; give one.")
+    if args.eval_dataset_mixer_list_splits and not args.eval_dataset_mixer_list:
+        errors.append("--eval_dataset_mixer_list_splits has no effect without --eval_dataset_mixer_list.")
+    for task in args.eval_tasks:
+        if task not in TASKS and not (task.startswith("mc:") and task.endswith(".jsonl")):
+            errors.append(f"--eval_tasks {task!r}: use a synthetic task ({', '.join(sorted(TASKS))}) or "
+                          "mc:<file.jsonl>.")
+    if len(set(args.eval_tasks)) != len(args.eval_tasks):
+        errors.append(f"--eval_tasks names a task twice: {' '.join(args.eval_tasks)}.")
     return errors
 
 

@@ -33,6 +33,7 @@ SAME_RUN_SETTINGS = (
     "model_name_or_path", "model_revision", "tokenizer_name_or_path", "tokenizer_revision", "chat_template_name",
     "dataset_mixer_list", "dataset_mixer_list_splits", "dataset_mixer_file", "max_seq_length", "truncation",
     "train_on", "add_bos", "skip_bad_rows", "max_unmaskable_fraction", "seed", "use_liger_kernel",
+    "eval_fraction",  # the held-out share is taken out of training: another fraction trains on other examples
 )
 # Settings that change the rest of the run but not its data or model: a change is reported, then honoured.
 OPTIMIZATION_SETTINGS = (

@@ -13,6 +13,7 @@ The cache and the command-line entry point live in open_instruct/prepare_data.py
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -467,12 +468,22 @@ class TokenizedMixture:
         self.fingerprint = fingerprint  # the cache key: sources' contents, tokenizer, encoding options, seed
         self.lengths = _column(dataset, "num_tokens").astype(np.int64)
         self.trained_lengths = _column(dataset, "num_trained_tokens").astype(np.int64)  # positions with a loss
+        self.rows: np.ndarray | None = None  # a subset's rows of `dataset` (see `subset`); None: all of them
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.lengths)
+
+    def subset(self, rows) -> TokenizedMixture:
+        """A view of these rows, renumbered 0..len-1 (no copy of the Arrow data): e.g. training minus a held-out set."""
+        rows = np.asarray(rows, dtype=np.int64)
+        view = copy.copy(self)
+        view.rows = rows if self.rows is None else self.rows[rows]
+        view.lengths, view.trained_lengths = self.lengths[rows], self.trained_lengths[rows]
+        return view
 
     def examples(self, indices) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        batch = self.dataset[[int(i) for i in indices]]
+        rows = indices if self.rows is None else self.rows[np.asarray(indices, dtype=np.int64)]
+        batch = self.dataset[[int(i) for i in rows]]
         return list(batch["input_ids"]), list(batch["labels"])
 
 

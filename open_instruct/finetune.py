@@ -47,6 +47,7 @@ from open_instruct.checkpointing import (
     save_final_model,
 )
 from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
+from open_instruct.evaluation import check_eval_spec, eval_summary, prepare_evaluation
 from open_instruct.loss import scale_for_backward, token_loss_sum
 from open_instruct.flops import FlopsModel, peak_flops
 from open_instruct.metrics import MetricsLogger, RunCounters, peak_memory_gb
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_cuda_allocator()
     resolve_mixture(args)  # fail fast on the mixture spec: nothing downloaded or loaded yet
+    check_eval_spec(args)
     # Every process checks the login, so a bad token stops them all before any collective could hang.
     repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
     accelerator = build_accelerator(args)
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     # same two barriers.
     with accelerator.main_process_first(), accelerator.local_main_process_first():
         mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None)
+    mixture, evaluator = prepare_evaluation(args, tokenizer, accelerator, mixture)  # less --eval_fraction's share
     plan, total_steps = make_plan(args, accelerator, mixture)
     logger.info("%d examples, global batch %s, %d steps in the first epoch (%d examples left out of it), %d steps.",
                 len(mixture), global_batch_description(plan), plan.steps_per_epoch, plan.dropped_per_epoch(),
@@ -388,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Resumed %s: continuing at step %d of %d.", resume_from, start_step + 1, total_steps)
     metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step)
     pad_id = pad_token_id(tokenizer)
+    if evaluator and start_step == 0:  # before training (a resumed run logged it already)
+        metrics_log.log(evaluator.run(model, 0, counters), step=0)
     progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
     for step in range(start_step, total_steps):
@@ -408,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
             telemetry = {**efficiency, "peak_memory_gb": peak_memory_gb(accelerator)}  # every rank: it gathers
             metrics_log.log(step_record(step, plan, learning_rate, result, counters, telemetry), step=step + 1)
+        if evaluator and evaluator.due(step + 1, total_steps):  # before the checkpoint, so a resume keeps it
+            metrics_log.log(evaluator.run(model, step + 1, counters), step=step + 1)
         if should_checkpoint(args, step, plan):
             trainer_state = {"step": step + 1, "epoch": plan.epochs_done(step), "first_loss": first_loss,
                              "counters": counters.state(), "identity": identity}
@@ -438,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model_dir": str(output.resolve()),
     }
     if accelerator.is_main_process:
+        summary.update(eval_summary(metrics_log.path))  # initial_* and final_* eval metrics
         if uploader:
             hub.write_model_card(output, args, summary, stats, repo_id=repo_id, revision=uploader.revision,
                                  num_processes=accelerator.num_processes)

@@ -113,6 +113,8 @@ def lines_up_to(path: Path, step: int) -> list[str]:
 
 
 def format_line(m: dict) -> str:
+    if "train_loss" not in m:  # an evaluation record (open_instruct/evaluation.py)
+        return f"step {m['step']:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "step")
     mfu = f" | mfu {m['mfu']:.1%}" if "mfu" in m else ""
     return (f"step {m['step']:>5} | epoch {m['epoch']:.2f} | loss {m['train_loss']:.4f} | lr {m['learning_rate']:.2e} "
             f"| tokens {m['total_tokens']} | tok/s/device {m['per_device_tps']:.0f} "

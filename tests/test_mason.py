@@ -278,7 +278,8 @@ def test_slurm_backend_without_sbatch_says_what_to_do(tiny_model_dir, tmp_path):
 def test_local_backend_runs_a_two_node_zero3_job(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     env = clean_env(PYTHON=sys.executable, OUTPUT_DIR=str(out), TINY_MODEL_DIR=str(tiny_model_dir), BACKEND="local",
-                    NUM_NODES="2", NUM_PROCESSES="1", DS_CONFIG=ZERO3, MASON_FLAGS="--main_process_port 29613")
+                    NUM_NODES="2", NUM_PROCESSES="1", DS_CONFIG=ZERO3, MASON_FLAGS="--main_process_port 29613",
+                    EVAL="0")
     result = run(["bash", "scripts/train/debug/finetune.sh", "--max_train_steps", "3", "--logging_steps", "1",
                   "--dataset_local_cache_dir", str(tmp_path / "cache")], env=env)
     assert "job: 2 node(s) x 1 process(es) = 2 processes" in result.stdout

@@ -21,7 +21,7 @@ ZERO3 = "configs/ds_configs/stage3_no_offloading_accelerate.conf"
 def test_mason_runs_the_debug_recipe_as_a_two_node_zero3_slurm_job(slurm_cluster, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     env = {**clean_env(), **slurm_cluster.env}
-    env.update(PYTHON=sys.executable, BACKEND="slurm", NUM_NODES="2", NUM_PROCESSES="1", DS_CONFIG=ZERO3,
+    env.update(PYTHON=sys.executable, BACKEND="slurm", NUM_NODES="2", NUM_PROCESSES="1", DS_CONFIG=ZERO3, EVAL="0",
                OUTPUT_DIR=str(out), TINY_MODEL_DIR=str(tiny_model_dir),
                MASON_FLAGS=f"--main_process_port {free_ports(1)[0]} --time 00:15:00 --job_name sft-2node")
     submitted = run(["bash", "scripts/train/debug/finetune.sh", "--max_train_steps", "4", "--logging_steps", "1",

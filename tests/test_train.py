@@ -250,15 +250,21 @@ def test_checkpoints_still_uploading_are_not_pruned_until_their_upload_is_done(t
 
 
 def test_debug_script_interface(tiny_model_dir, tmp_path):
-    """Extra flags override the recipe's; OUTPUT_DIR and TINY_MODEL_DIR are honoured; the held-out check runs."""
+    """Extra flags override the recipe's; OUTPUT_DIR and TINY_MODEL_DIR are honoured; the recipe evaluates before and
+    after training; the held-out check runs."""
     out = tmp_path / "debug"
     env = clean_env(OUTPUT_DIR=str(out), TINY_MODEL_DIR=str(tiny_model_dir), PYTHON=sys.executable,
                     PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
     result = subprocess.run(["bash", "scripts/train/debug/finetune.sh",
-                             *with_cache_dir(["--max_train_steps", "5", "--logging_steps", "1"])],
+                             *with_cache_dir(["--max_train_steps", "5", "--logging_steps", "1",
+                                              "--eval_max_examples", "4"])],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
+    assert [m["step"] for m in read_metrics(out) if "train_loss" in m] == [1, 2, 3, 4, 5]
+    evals = [m for m in read_metrics(out) if "eval_seconds" in m]
+    assert [m["step"] for m in evals] == [0, 5]
+    assert {"eval_loss", "eval_bits_per_byte", "eval/spelling_accuracy", "eval/reverse_accuracy",
+            "eval/letter_count_accuracy", "eval/centered_accuracy"} <= set(evals[0])
     assert "held-out exact match:" in result.stdout
     assert (out / "model.safetensors").is_file()
 

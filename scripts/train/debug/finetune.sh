@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Debug fine-tune on one device (a laptop CPU is enough): builds the embedded tiny Llama model and its byte-level
-# tokenizer if missing, trains it on a synthetic mixture, then reloads the saved model and answers held-out prompts.
+# tokenizer if missing, trains it on a synthetic mixture, evaluates it before and after training (held-out loss and
+# bits per byte, exact match on the synthetic tasks' test splits), then reloads the saved model and answers
+# held-out prompts.
 #
 #   bash scripts/train/debug/finetune.sh [finetune.py flags...]     # extra flags override the recipe's
 #
@@ -10,6 +12,7 @@
 #   NUM_PROCESSES=2                         processes to launch (default 1)
 #   DS_CONFIG=configs/ds_configs/stage3_no_offloading_accelerate.conf   use DeepSpeed (unset: no DeepSpeed)
 #   OUTPUT_DIR=output/debug                 where the run goes
+#   EVAL=0                                  tiny model: skip the before/after evaluation (default 1)
 #   PYTHON=python                           interpreter (make debug uses the project's .venv)
 #   BACKEND=slurm|local|print               go through mason.py (see docs/cluster.md) instead of running here:
 #   NUM_NODES=2                               nodes for mason (default 1); NUM_PROCESSES is then per node
@@ -32,6 +35,11 @@ if [ -z "${MODEL:-}" ]; then
             --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_seq_length 256
             --clip_grad_norm 1.0 --logging_steps 25)
     HELD_OUT=(synthetic:spelling synthetic:reverse synthetic:letter_count)
+    if [ "${EVAL:-1}" != 0 ]; then
+        # Before training and after the last step: the test splits' loss and the tasks' exact match (50 of each).
+        RECIPE+=(--eval_dataset_mixer_list synthetic:spelling 1.0 synthetic:reverse 1.0 synthetic:letter_count 1.0
+                 --eval_tasks spelling reverse letter_count --eval_max_examples 50)
+    fi
 else
     # A real model: open-instruct's debug settings (lr 5e-6, max_seq_length 1024) on a 100-row sample.
     DATASET=${DATASET:-"allenai/tulu-3-sft-mixture 100"}
