@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/debug_run.py [--output_dir output/bench-debug] [finetune.py flags...]
 
 Runs `bash scripts/train/debug/finetune.sh` as a user would (tiny-model build, training, save, held-out answers)
-and reports: wall time of the whole script, training time, first and last train loss, tokens/s per device, and
-the held-out exact match printed by the script's final check.
+and reports: wall time of the whole script, training time, first and last train loss, tokens/s per device, MFU,
+every in-loop eval metric before and after training, and the held-out exact match printed by the script's final
+check.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def main() -> None:
     print(f"training time:         {summary['train_seconds']:.1f} s for {summary['steps']} steps")
     print(f"train loss:            {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}")
     print(f"tokens/s per device:   {summary['per_device_tps']:.0f} (padding-free: same with padding)")
-    for name in ("eval_loss", "eval_bits_per_byte", "eval_centered_accuracy"):
-        if f"initial_{name}" in summary:
-            print(f"{name + ':':<22} {summary[f'initial_{name}']:.3f} -> {summary[f'final_{name}']:.3f} (before -> after)")
+    if summary.get("mfu") is not None:
+        print(f"MFU:                   {summary['mfu']:.1%} of this CPU's measured matmul peak")
+    for name in [key[len("initial_"):] for key in summary if key.startswith("initial_eval")]:
+        print(f"{name + ':':<38} {summary[f'initial_{name}']:.3f} -> {summary[f'final_{name}']:.3f} (before -> after)")
     if match:
         print(f"held-out exact match:  {match.group(1)}/{match.group(2)}")
 

@@ -138,13 +138,17 @@ def eval_mixture(args, tokenizer, accelerator) -> TokenizedMixture:
     """--eval_dataset_mixer_list tokenized like training data, through the same cache (rank 0 fills it first)."""
     from open_instruct.prepare_data import get_mixture  # it imports the trainer's data stack; only needed here
 
-    items = eval_mixer_items(args)
-    eval_args = dataclasses.replace(args, dataset_mixer_list=list(args.eval_dataset_mixer_list),
-                                    dataset_mixer_list_splits=[item.split for item in items], dataset_mixer_file=None)
     log = logger.info if accelerator.is_main_process else (lambda _: None)
     with accelerator.main_process_first(), accelerator.local_main_process_first():
-        mixture, _ = get_mixture(eval_args, tokenizer, log=log)
+        mixture, _ = get_mixture(eval_mixer_args(args), tokenizer, log=log)
     return mixture
+
+
+def eval_mixer_args(args):
+    """The run's arguments with the eval loss set as the mixture: what get_mixture (and its cache) takes."""
+    items = eval_mixer_items(args)
+    return dataclasses.replace(args, dataset_mixer_list=list(args.eval_dataset_mixer_list),
+                               dataset_mixer_list_splits=[item.split for item in items], dataset_mixer_file=None)
 
 
 def sample_rows(num_rows: int, limit: int | None, seed: int) -> np.ndarray:
@@ -429,14 +433,14 @@ class Evaluator:
         lm = lm.lm if isinstance(lm, ChunkedLossModel) else lm
         # A fresh config: greedy whatever sampling settings the model's own generation config carries.
         config = GenerationConfig(max_new_tokens=task.max_new_tokens, do_sample=False, eos_token_id=self.stop_ids,
-                                  pad_token_id=self.pad_id)
+                                  pad_token_id=self.pad_id, use_cache=True)
         correct = 0
         for i in range(forwards):
             items = [item for item, _ in batches[i]] if i < len(batches) else [0]  # a dummy call, result dropped
             input_ids, attention_mask = left_padded([task.prompts[item] for item in items], self.pad_id)
             output = lm.generate(input_ids=input_ids.to(self.accelerator.device),
                                  attention_mask=attention_mask.to(self.accelerator.device), generation_config=config,
-                                 synced_gpus=self.accelerator.num_processes > 1, use_cache=True)
+                                 synced_gpus=self.accelerator.num_processes > 1)
             if i < len(batches):
                 new = output[:, input_ids.shape[1]:].tolist()
                 correct += sum(reply_text(self.tokenizer, tokens, self.stop_ids) == task.answers[item].strip()
@@ -493,8 +497,9 @@ def is_eval_record(record: dict) -> bool:
 
 
 def eval_summary(metrics_path: str | Path) -> dict:
-    """initial_* from the step-0 evaluation and final_* from the last one, read back from metrics.jsonl (which keeps
-    them across a resume); 'eval/x' becomes 'eval_x'."""
+    """initial_* from the step-0 evaluation, final_* from the last one and best_* (lowest loss or bits per byte,
+    highest accuracy) with the step it came at, read back from metrics.jsonl (which keeps them across a resume);
+    'eval/x' becomes 'eval_x'."""
     path = Path(metrics_path)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     evals = [r for r in records if is_eval_record(r)]
@@ -504,4 +509,10 @@ def eval_summary(metrics_path: str | Path) -> dict:
         for key, value in (record or {}).items():
             if key not in ("step", "eval_seconds"):
                 summary[f"{prefix}_{key.replace('/', '_')}"] = value
+    for key in dict.fromkeys(k for r in evals for k in r if k not in ("step", "eval_seconds")):
+        lower_is_better = not key.endswith("accuracy")  # eval_loss, eval_bits_per_byte
+        scored = [r for r in evals if key in r]
+        best = (min if lower_is_better else max)(scored, key=lambda r: r[key])  # the first of equals
+        name = key.replace("/", "_")
+        summary[f"best_{name}"], summary[f"best_{name}_step"] = best[key], best["step"]
     return summary

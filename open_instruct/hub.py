@@ -254,6 +254,22 @@ def _schedule(args) -> str:
     return ", ".join(parts)
 
 
+def _evaluation_section(summary: dict) -> list[str]:
+    """The in-loop evaluation (open_instruct/evaluation.py eval_summary's fields): before training, at the end, and
+    the best with its step. Nothing when the run did not evaluate."""
+    names = [key[len("final_"):] for key in summary if key.startswith("final_eval")]
+    if not names:
+        return []
+
+    def cell(key: str) -> str:
+        return f"{summary[key]:.4g}" if isinstance(summary.get(key), float) else str(summary.get(key, ""))
+
+    rows = [f"| {name} | {cell('initial_' + name)} | {cell('final_' + name)} | {cell('best_' + name)} "
+            f"(step {cell('best_' + name + '_step')}) |" for name in names]
+    return ["## Evaluation", "", "| metric | before training | final | best |", "| --- | --- | --- | --- |",
+            *rows, ""]
+
+
 def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[dict] | None = None, *,
                      repo_id: str | None = None, revision: str | None = None,
                      num_processes: int | None = None) -> Path:
@@ -294,7 +310,8 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
     if args.max_tokens_per_micro_batch is not None:
         hyper["max_tokens_per_micro_batch"] = args.max_tokens_per_micro_batch
     metric_names = ("first_train_loss", "last_train_loss", "steps", "total_tokens", "trained_tokens", "train_seconds",
-                    "per_device_tps", "per_device_tps_including_padding")
+                    "per_device_tps", "per_device_tps_including_padding", "trained_tokens_per_sec", "mfu",
+                    "peak_memory_gb")
     target = repo_id or "<repo id>"
     load_revision = f', revision="{revision}"' if revision else ""
     body = [
@@ -324,6 +341,7 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
         "| --- | --- |",
         *(f"| {name} | {summary[name]} |" for name in metric_names if name in summary),
         "",
+        *_evaluation_section(summary),
         "## Usage",
         "",
         "```python",

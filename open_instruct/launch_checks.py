@@ -1,12 +1,13 @@
 """What mason checks before it submits a job, so a typo or a missing dataset fails in seconds on the login node
 instead of after a queue wait on 64 GPUs: the trainer's flags (with the trainer's own parser), the data sources and
-the model (local paths exist; hub repos exist and are readable)."""
+the model (local paths exist; hub repos exist and are readable), the eval sources and multiple-choice files too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from open_instruct.data import DataError, resolve_mixture
+from open_instruct.evaluation import check_eval_spec, eval_mixer_items
 from open_instruct.launch import LaunchError, parse_quietly
 
 
@@ -53,6 +54,8 @@ def check_sources(args, api=None, ask_hub: bool = True) -> list[str]:
     api = (api or HfApi()) if ask_hub else None
     try:
         items = resolve_mixture(args)  # spec errors, synthetic task names, local files
+        check_eval_spec(args)  # the eval set's spec and the multiple-choice files
+        items += eval_mixer_items(args) if args.eval_dataset_mixer_list else []
     except DataError as exc:
         raise LaunchError(str(exc)) from None
     problems = [_model_problem(api, args.model_name_or_path, args.model_revision)]

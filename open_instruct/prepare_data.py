@@ -208,15 +208,22 @@ def main(argv: list[str] | None = None) -> None:
     from open_instruct.args import parse_args
     from open_instruct.model_utils import ModelSetupError, load_tokenizer
 
+    from open_instruct.evaluation import check_eval_spec, eval_mixer_args
+
     args = parse_args(argv)
     try:
         resolve_mixture(args)  # spec errors before the tokenizer download
+        check_eval_spec(args)
         tokenizer = load_tokenizer(args)
         mixture, path = prepare(args, tokenizer)
+        if args.eval_dataset_mixer_list:  # the run's eval loss set goes through the same cache
+            eval_set, eval_path = get_mixture(eval_mixer_args(args), tokenizer)
     except (DataError, ModelSetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"{len(mixture)} examples ready{' in ' + path if path else ''}.")
+    if args.eval_dataset_mixer_list:
+        print(f"{len(eval_set)} eval examples ready{' in ' + eval_path if eval_path else ''}.")
 
 
 if __name__ == "__main__":

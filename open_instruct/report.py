@@ -62,7 +62,7 @@ class Run:
     stats: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # optional files that were missing or unreadable
+    notes: list[str] = field(default_factory=list)  # optional files missing or unreadable, a cut-off last metrics line
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,7 +73,8 @@ def load_run(output_dir: str | Path) -> Run:
     output = Path(output_dir)
     if not output.is_dir():
         raise ReportError(f"{output} is not a directory")
-    run = Run(output_dir=output, rows=read_metrics(output / "metrics.jsonl"))
+    rows, note = read_metrics(output / "metrics.jsonl")
+    run = Run(output_dir=output, rows=rows, notes=[note] if note else [])
     run.summary = _optional(run, "summary.json", dict)
     run.stats = _optional(run, "dataset_stats.json", list)
     run.config = _optional(run, "run_config.yaml", dict)
@@ -81,21 +82,27 @@ def load_run(output_dir: str | Path) -> Run:
     return run
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """The records, and a note when the last line was cut off: a running trainer may be writing it (every record
+    ends with a newline, so only an unfinished last line lacks one). A bad line anywhere else is an error."""
     if not path.is_file():
         raise ReportError(f"{path.parent} has no metrics.jsonl (is it a training run's --output_dir?)")
+    text = path.read_text()
+    lines = text.splitlines()
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)  # accepts NaN and Infinity, which json.dumps writes for a diverged loss
         except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                return rows, f"`metrics.jsonl`: the unfinished last line (line {number}, being written) was left out."
             raise ReportError(f"{path}: line {number} is not valid JSON ({exc.msg}): {line[:80]!r}") from None
         if not isinstance(row, dict):
             raise ReportError(f"{path}: line {number} is not a JSON object: {line[:80]!r}")
         rows.append(row)
-    return rows
+    return rows, None
 
 
 def _optional(run: Run, name: str, kind: type):

@@ -182,7 +182,8 @@ class ScriptedGenerator(torch.nn.Module):
         super().__init__()
         self.tokenizer, self.calls = tokenizer, []
 
-    def generate(self, input_ids, attention_mask, generation_config, synced_gpus, use_cache):
+    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+        assert generation_config.use_cache and not generation_config.do_sample
         self.calls.append({"rows": input_ids.shape[0], "synced_gpus": synced_gpus, "training": self.training,
                            "grad": torch.is_grad_enabled()})
         replies = []
@@ -302,14 +303,17 @@ def test_eval_sources_default_to_test_splits_and_local_files_whole(tmp_path):
         eval_mixer_items(eval_args("--eval_dataset_mixer_list", "synthetic:spelling"))
 
 
-def test_eval_summary_reads_the_first_and_last_evaluation(tmp_path):
+def test_eval_summary_reads_the_first_last_and_best_evaluation(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "eval_loss": 3.0, "eval/spelling_accuracy": 0.0, "eval_seconds": 1.0},
             {"step": 1, "train_loss": 2.9, "epoch": 0.1},
-            {"step": 5, "eval_loss": 1.0, "eval/spelling_accuracy": 0.5, "eval_seconds": 1.0}]
+            {"step": 5, "eval_loss": 0.8, "eval/spelling_accuracy": 0.75, "eval_seconds": 1.0},
+            {"step": 9, "eval_loss": 1.0, "eval/spelling_accuracy": 0.5, "eval_seconds": 1.0}]
     write_jsonl(path, rows)
     assert eval_summary(path) == {"initial_eval_loss": 3.0, "initial_eval_spelling_accuracy": 0.0,
-                                  "final_eval_loss": 1.0, "final_eval_spelling_accuracy": 0.5}
+                                  "final_eval_loss": 1.0, "final_eval_spelling_accuracy": 0.5,
+                                  "best_eval_loss": 0.8, "best_eval_loss_step": 5,
+                                  "best_eval_spelling_accuracy": 0.75, "best_eval_spelling_accuracy_step": 5}
     assert eval_summary(tmp_path / "missing.jsonl") == {}
 
 
@@ -406,11 +410,12 @@ def test_eval_dataset_mixer_list_and_mc_file_leave_training_unchanged(tiny_model
 
 
 @pytest.mark.multiprocess
-def test_zero3_two_processes_give_the_one_process_eval_metrics(tiny_model_dir, tmp_path):
-    """2-process ZeRO-3 evaluates exactly what 1 process does: 17 held-out examples in batches of 4 leave rank 1
-    a forward short, the mc questions have different numbers of options, so ranks run dummy forwards and generate
-    calls; a mismatch would hang (the timeout) or change the sums. eval_loss within 1e-5 relative (summation
-    order and the 2-process training's own 1e-7-level differences), accuracies equal."""
+@pytest.mark.parametrize("layout", ["zero3", "ddp"])
+def test_two_processes_give_the_one_process_eval_metrics(tiny_model_dir, tmp_path, layout):
+    """2-process ZeRO-3 (and DDP) evaluates exactly what 1 process does: 17 held-out examples in batches of 4 leave
+    rank 1 a forward short, the mc questions have different numbers of options, so ranks run dummy forwards and
+    generate calls; a mismatch would hang ZeRO-3 (the timeout) or change the sums. eval_loss within 1e-5 relative
+    (summation order and the 2-process training's own 1e-7-level differences), accuracies equal."""
     # options per question 4, 2, 4, 2, 3: rank 0 holds 11 (3 forwards of 4), rank 1 holds 4 (1, then 2 dummies)
     mc = write_jsonl(tmp_path / "mc.jsonl", [
         {"question": f"Spell the word: {w}", "choices": [" ".join(w), " ".join(w[::-1]), w, w.upper()][:n],
@@ -421,10 +426,14 @@ def test_zero3_two_processes_give_the_one_process_eval_metrics(tiny_model_dir, t
             "--eval_batch_size", "4", "--eval_every", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     finetune([*args, "--output_dir", str(one)])
-    launcher = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",
-                "--deepspeed_config_file", str(REPO / ZERO3)]
-    run([*launcher, "-m", "open_instruct.finetune", *with_cache_dir([*args, "--output_dir", str(two)])],
-        env=clean_env(PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}"), timeout=420)
+    env = clean_env(PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
+    if layout == "zero3":
+        launcher = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",
+                    "--deepspeed_config_file", str(REPO / ZERO3)]
+    else:  # accelerate's launcher starts one process on a CPU-only machine; torchrun starts both (gloo DDP)
+        launcher, env["ACCELERATE_USE_CPU"] = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], "true"
+    run([*launcher, "-m", "open_instruct.finetune", *with_cache_dir([*args, "--output_dir", str(two)])], env=env,
+        timeout=420)
     single, double = eval_records(one), eval_records(two)
     assert [r["step"] for r in single] == [r["step"] for r in double] == [0, 2, 3]
     for a, b in zip(single, double):

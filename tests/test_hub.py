@@ -289,6 +289,21 @@ def test_model_card_records_model_data_hyperparameters_and_metrics(tmp_path):
     assert "| first_train_loss | 2.5 |" in text and "| last_train_loss | 0.75 |" in text
     assert "| per_device_tps | 321.5 |" in text
     assert 'from_pretrained("org/run7", revision="run7")' in text
+    assert "## Evaluation" not in text  # the run did not evaluate
+
+
+def test_model_card_shows_the_evaluation_before_final_and_best(tmp_path):
+    args = parse_args(["--model_name_or_path", "allenai/base-model", "--dataset_mixer_list", "synthetic:spelling",
+                       "1.0", "--eval_fraction", "0.1"])
+    summary = {"steps": 40, "mfu": 0.31, "initial_eval_loss": 5.6791, "final_eval_loss": 1.44903,
+               "best_eval_loss": 1.40001, "best_eval_loss_step": 30, "initial_eval_spelling_accuracy": 0.0,
+               "final_eval_spelling_accuracy": 0.5, "best_eval_spelling_accuracy": 0.5,
+               "best_eval_spelling_accuracy_step": 40}
+    text = ModelCard.load(hub.write_model_card(tmp_path, args, summary, [])).text
+    assert "| mfu | 0.31 |" in text
+    assert "| eval_loss | 5.679 | 1.449 | 1.4 (step 30) |" in text
+    assert "| eval_spelling_accuracy | 0 | 0.5 | 0.5 (step 40) |" in text
+    assert text.index("## Evaluation") < text.index("## Usage")
 
 
 def test_model_card_of_a_local_base_model_has_no_base_model_metadata(tmp_path):

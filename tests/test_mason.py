@@ -129,6 +129,20 @@ def test_sources_are_checked_on_the_hub_and_on_disk(tmp_path):
         check_sources(hub_args("synthetic:spelling", "10", model=str(tmp_path / "model")), api=FakeHub())
 
 
+def test_eval_sources_are_checked_like_training_sources(tmp_path):
+    hub = FakeHub(missing={"org/typo-eval"})
+    args = parse_trainer_flags(["--model_name_or_path", "org/model", "--dataset_mixer_list", "org/mixture", "1.0",
+                                "--eval_dataset_mixer_list", "org/typo-eval", "1.0"])
+    with pytest.raises(LaunchError, match="dataset org/typo-eval is not on the Hugging Face Hub"):
+        check_sources(args, api=hub)
+    assert ("dataset", "org/typo-eval", None) in hub.asked
+    missing = str(tmp_path / "arc.jsonl")
+    args = parse_trainer_flags(["--model_name_or_path", "org/model", "--dataset_mixer_list", "org/mixture", "1.0",
+                                "--eval_tasks", f"mc:{missing}"])
+    with pytest.raises(LaunchError, match=f"--eval_tasks mc:{missing}: no such file"):
+        check_sources(args, api=FakeHub())
+
+
 def test_an_unreachable_hub_is_a_warning_not_an_error():
     warnings = check_sources(hub_args("org/mixture", "1.0"), api=FakeHub(down=True))
     assert len(warnings) == 2 and all("could not check" in w for w in warnings)

@@ -464,6 +464,26 @@ def test_main_columns_naming_a_missing_column_exits_2(tmp_path, tiny_model_dir):
     assert info.value.code == 2
 
 
+def test_main_prepares_the_eval_set_the_run_will_read(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from open_instruct.args import parse_args
+    from open_instruct.evaluation import eval_mixer_args
+    from open_instruct.model_utils import load_tokenizer
+
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_local_cache_dir", str(tmp_path / "cache"),
+            "--dataset_num_proc", "1", "--dataset_mixer_list", "synthetic:spelling", "20",
+            "--eval_dataset_mixer_list", "synthetic:reverse", "7"]
+    prepare_data.main(argv)
+    assert "7 eval examples ready in" in capsys.readouterr().out
+
+    def no_build(*_, **__):
+        raise AssertionError("the eval set should come from the cache")
+
+    monkeypatch.setattr(prepare_data, "build_mixture", no_build)
+    args = parse_args(argv)
+    eval_set, path = get_mixture(eval_mixer_args(args), load_tokenizer(args), lambda _: None)
+    assert len(eval_set) == 7 and path.startswith(str(tmp_path / "cache"))
+
+
 def test_get_mixture_spec_errors_come_first(tmp_path, tokenizer):
     args = _args(tmp_path, "--dataset_mixer_list", str(tmp_path / "missing.jsonl"), "1.0")
     with pytest.raises(DataError, match="does not exist"):

@@ -205,6 +205,16 @@ def test_a_malformed_metrics_line_is_an_error_naming_file_and_line(tmp_path):
         load_run(run_dir)
 
 
+def test_a_line_still_being_written_is_left_out_with_a_note(tmp_path):
+    """A running trainer's last record may be half-written (no newline yet): the report uses the rest."""
+    run_dir = write_run(tmp_path / "run", TRAIN_ROWS[:2])
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 3, "train_lo')
+    run = load_run(run_dir)
+    assert [row["step"] for row in run.rows] == [row["step"] for row in TRAIN_ROWS[:2]]
+    assert any("unfinished last line (line 3" in note for note in run.notes)
+
+
 def test_a_directory_without_metrics_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(ReportError, match="has no metrics.jsonl"):
         load_run(tmp_path)
