@@ -242,7 +242,7 @@ def launch_slurm(args: MasonArgs, spec: LaunchSpec, layout: Layout, env: dict, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    from open_instruct.launch_checks import check_sources, parse_trainer_flags
+    from open_instruct.launch_checks import check_qlora_layout, check_sources, parse_trainer_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         env = parse_env_assignments(args.env)
         warnings = check_secrets(args.secret, launching=args.backend != "print" and not args.dry_run)
         layout = layout_of(args)
+        check_qlora_layout(trainer_args, spec.use_deepspeed, args.gpus_per_node)
         warnings += check_sources(trainer_args, ask_hub=not args.skip_hub_checks)
         print_plan(spec, layout, trainer_args, warnings)
         check_memory(args, spec, layout, trainer_args)

@@ -158,6 +158,34 @@ class FinetuneArgs:
         "padding-free packing the trainer checks at start-up that packed examples do not attend to each other and "
         "refuses to train otherwise.",
     )
+    # --- parameter-efficient fine-tuning (open_instruct/lora.py; see docs/finetune.md, LoRA and QLoRA) ---
+    use_lora: bool = _field(
+        False, "Train LoRA adapters (peft) on a frozen base instead of every weight. The run directory then holds the "
+        "adapter (adapter_config.json, adapter_model.safetensors) and the tokenizer; see --merge_lora_on_save.",
+    )
+    use_qlora: bool = _field(
+        False, "QLoRA: LoRA on a base quantized to 4-bit NF4 by bitsandbytes (double quantization, bf16 compute). "
+        "Implies --use_lora. Needs CUDA and the bitsandbytes package; one process or DDP (not DeepSpeed).",
+    )
+    lora_rank: int = _field(64, "LoRA rank r (open-instruct's default; 16 is the common QLoRA recipe).")
+    lora_alpha: float = _field(16.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.")
+    lora_dropout: float = _field(0.1, "Dropout on the adapters' input (0 <= p < 1).")
+    lora_target_modules: list[str] = _field(
+        [], "Module names that get adapters (e.g. q_proj v_proj). Default: every linear projection of the "
+        "transformer blocks (peft's all-linear: every nn.Linear but the output layer).",
+    )
+    lora_modules_to_save: list[str] = _field(
+        [], "Modules trained in full next to the adapters and saved with them, e.g. embed_tokens lm_head (when the "
+        "chat template's tokens are new to the base model).",
+    )
+    lora_learning_rate: float | None = _field(
+        None, "Peak LR of the adapter weights. Default: --learning_rate, which then also applies to "
+        "--lora_modules_to_save.",
+    )
+    merge_lora_on_save: bool = _field(
+        False, "Also write the base model with the adapters merged in (a plain Hugging Face model, in the base's "
+        "dtype) to OUTPUT_DIR/merged at the end. The base is loaded again on the CPU of the main process for it.",
+    )
     # --- output, checkpoints, hub ---
     output_dir: str = _field("output/", "Where the final model, metrics.jsonl, the config and checkpoints go.")
     exp_name: str = _field("finetune", "Run name: used for tracking and as the default hub revision.")
@@ -260,7 +288,8 @@ class ArgumentError(ValueError):
     """A setting is wrong; the message names the flag and how to fix it."""
 
 
-def _defaults() -> dict:
+def default_values() -> dict:
+    """Every flag's default."""
     values = {}
     for f in dataclasses.fields(FinetuneArgs):
         values[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -268,7 +297,7 @@ def _defaults() -> dict:
 
 
 def _changed(args: FinetuneArgs, name: str) -> bool:
-    return getattr(args, name) != _defaults()[name]
+    return getattr(args, name) != default_values()[name]
 
 
 def validate(args: FinetuneArgs) -> None:
@@ -332,6 +361,7 @@ def validate(args: FinetuneArgs) -> None:
                 errors.append(f"--{name} has no effect without --with_tracking.")
     errors += _hub_errors(args)
     errors += _eval_errors(args)
+    errors += _lora_errors(args)
     if errors:
         raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(errors))
 
@@ -378,6 +408,42 @@ def _eval_errors(args: FinetuneArgs) -> list[str]:
                           "mc:<file.jsonl>.")
     if len(set(args.eval_tasks)) != len(args.eval_tasks):
         errors.append(f"--eval_tasks names a task twice: {' '.join(args.eval_tasks)}.")
+    return errors
+
+
+def uses_lora(args) -> bool:
+    return bool(args.use_lora or args.use_qlora)
+
+
+def describe_fine_tune(args) -> str:
+    """One line for the summary and the model card: which weights train."""
+    if not uses_lora(args):
+        return "full (every weight)"
+    kind = "QLoRA (4-bit NF4 base)" if args.use_qlora else "LoRA"
+    targets = " ".join(args.lora_target_modules) or "all linear projections"
+    saved = f", plus {' '.join(args.lora_modules_to_save)} in full" if args.lora_modules_to_save else ""
+    return f"{kind}, rank {args.lora_rank}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}, on {targets}{saved}"
+
+
+def _lora_errors(args: FinetuneArgs) -> list[str]:
+    lora_flags = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+                  "lora_learning_rate", "merge_lora_on_save")
+    if not uses_lora(args):
+        return [f"--{name} has no effect without --use_lora (or --use_qlora)." for name in lora_flags
+                if _changed(args, name)]
+    errors = []
+    if args.lora_rank < 1:
+        errors.append(f"--lora_rank must be at least 1, got {args.lora_rank}.")
+    if args.lora_alpha <= 0:
+        errors.append(f"--lora_alpha must be positive, got {args.lora_alpha}.")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        errors.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+    if args.lora_learning_rate is not None:
+        if args.lora_learning_rate <= 0:
+            errors.append(f"--lora_learning_rate must be positive, got {args.lora_learning_rate}.")
+        if not args.lora_modules_to_save and _changed(args, "learning_rate"):
+            errors.append("--learning_rate has no effect with --lora_learning_rate and no --lora_modules_to_save "
+                          "(the adapters are all that trains); give one of the two.")
     return errors
 
 

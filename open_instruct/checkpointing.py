@@ -34,11 +34,13 @@ SAME_RUN_SETTINGS = (
     "dataset_mixer_list", "dataset_mixer_list_splits", "dataset_mixer_file", "max_seq_length", "truncation",
     "train_on", "add_bos", "skip_bad_rows", "max_unmaskable_fraction", "seed", "use_liger_kernel",
     "eval_fraction",  # the held-out share is taken out of training: another fraction trains on other examples
+    # which weights train, and the adapters' shape and scale: another value is another model
+    "use_lora", "use_qlora", "lora_rank", "lora_alpha", "lora_target_modules", "lora_modules_to_save",
 )
 # Settings that change the rest of the run but not its data or model: a change is reported, then honoured.
 OPTIMIZATION_SETTINGS = (
     "learning_rate", "lr_scheduler_type", "warmup_ratio", "final_lr_ratio", "warmdown_ratio", "weight_decay",
-    "clip_grad_norm", "loss_reduction", "num_train_epochs", "max_train_steps",
+    "clip_grad_norm", "loss_reduction", "num_train_epochs", "max_train_steps", "lora_dropout", "lora_learning_rate",
 )
 
 
@@ -119,15 +121,20 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 def resume_problems(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(differences that make this a different run, differences that only change the rest of the optimization)."""
-    different_run = [f"--{name}: checkpoint {saved['settings'].get(name)!r}, now {value!r}"
-                     for name, value in current["settings"].items() if saved["settings"].get(name) != value]
+    from open_instruct.args import default_values
+
+    # A setting added after the checkpoint was written had its default value then.
+    saved_settings = {**default_values(), **saved["settings"]}
+    different_run = [f"--{name}: checkpoint {saved_settings.get(name)!r}, now {value!r}"
+                     for name, value in current["settings"].items() if saved_settings.get(name) != value]
     if saved["global_batch"] != current["global_batch"]:
         different_run.append(f"global batch: checkpoint {saved['global_batch']}, now {current['global_batch']} "
                              "(give --global_batch_size to keep it when the number of processes changes)")
     if not different_run and saved["data_fingerprint"] != current["data_fingerprint"]:
         different_run.append("the tokenized data: a source's contents or the tokenizer changed since the checkpoint")
-    optimization = [f"--{name}: checkpoint {saved['optimization'].get(name)!r}, now {value!r}"
-                    for name, value in current["optimization"].items() if saved["optimization"].get(name) != value]
+    saved_optimization = {**default_values(), **saved["optimization"]}
+    optimization = [f"--{name}: checkpoint {saved_optimization.get(name)!r}, now {value!r}"
+                    for name, value in current["optimization"].items() if saved_optimization.get(name) != value]
     return different_run, optimization
 
 
@@ -265,6 +272,16 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def set_generation_stops(generation, tokenizer) -> None:
+    """Generation stops at the chat template's end of turn first, keeping the base model's own stops."""
+    existing = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    stop = list(dict.fromkeys(end_of_turn_token_ids(tokenizer) + [i for i in existing if i is not None]))
+    if stop:
+        generation.eos_token_id = stop if len(stop) > 1 else stop[0]
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+
 def save_final_model(accelerator, model, tokenizer, output_dir: str | Path, max_shard_size: str = "5GB") -> None:
     """Write config, safetensors weights (gathered from ZeRO-3 shards), tokenizer and generation config.
 
@@ -280,14 +297,7 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str | Path, max_
             unwrapped = unwrapped.lm
             state_dict = {key.removeprefix("lm."): value for key, value in state_dict.items()}
         unwrapped.config.use_cache = True  # gradient checkpointing turned it off for training only
-        generation = unwrapped.generation_config
-        existing = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-        stop = end_of_turn_token_ids(tokenizer) + [i for i in existing if i is not None]
-        stop = list(dict.fromkeys(stop))  # the template's end of turn first, the base model's own stops kept
-        if stop:
-            generation.eos_token_id = stop if len(stop) > 1 else stop[0]
-        if generation.pad_token_id is None:
-            generation.pad_token_id = tokenizer.pad_token_id
+        set_generation_stops(unwrapped.generation_config, tokenizer)
         tmp = output / ".final_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)

@@ -33,7 +33,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from open_instruct import hub
-from open_instruct.args import FinetuneArgs, args_to_dict, parse_args
+from open_instruct.args import FinetuneArgs, args_to_dict, describe_fine_tune, parse_args, uses_lora
 from open_instruct.batching import BatchPlan, collate, split_global_batch
 from open_instruct.checkpointing import (
     CheckpointError,
@@ -48,8 +48,9 @@ from open_instruct.checkpointing import (
 )
 from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
 from open_instruct.evaluation import check_eval_spec, eval_summary, prepare_evaluation
+from open_instruct.flops import FlopsModel, parameter_numel, peak_flops
+from open_instruct.lora import check_lora_setup, save_adapter, save_merged
 from open_instruct.loss import scale_for_backward, token_loss_sum
-from open_instruct.flops import FlopsModel, peak_flops
 from open_instruct.metrics import MetricsLogger, RunCounters, peak_memory_gb
 from open_instruct.model_utils import (
     ChunkedLossModel,
@@ -191,9 +192,10 @@ def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path) ->
     )
 
 
-def model_dtype(accelerator: Accelerator) -> torch.dtype:
+def model_dtype(accelerator: Accelerator, args: FinetuneArgs) -> torch.dtype:
     # DeepSpeed keeps its own fp32 master copy, so its bf16 runs load bf16 weights; otherwise accelerate autocasts.
-    if accelerator.state.deepspeed_plugin is not None and accelerator.mixed_precision == "bf16":
+    # A LoRA base is frozen and needs no fp32 master either (peft keeps the adapters in fp32).
+    if accelerator.mixed_precision == "bf16" and (accelerator.state.deepspeed_plugin is not None or uses_lora(args)):
         return torch.bfloat16
     return torch.float32
 
@@ -318,6 +320,22 @@ def loss_chunks_per_micro_batch(accelerator: Accelerator, batches: list[dict], c
     return [max(1, math.ceil(count / chunk_size)) for count in most]
 
 
+def save_final(args: FinetuneArgs, accelerator: Accelerator, model, tokenizer, output: Path) -> None:
+    """The full model in Hugging Face format; with LoRA the adapter instead, and the merged model when asked."""
+    if not uses_lora(args):
+        save_final_model(accelerator, model, tokenizer, output)
+        return
+    save_adapter(accelerator, model, tokenizer, output)
+    if args.merge_lora_on_save and accelerator.is_main_process:
+        save_merged(args, tokenizer, output)
+    accelerator.wait_for_everyone()
+
+
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """Parameters of the model (whole, also when ZeRO-3 has partitioned them or bitsandbytes packed them)."""
+    return sum(parameter_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
     done = step + 1
     if args.checkpoint_every_epoch:
@@ -337,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Every process checks the login, so a bad token stops them all before any collective could hang.
     repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
     accelerator = build_accelerator(args)
+    check_lora_setup(args, deepspeed=accelerator.state.deepspeed_plugin is not None)
     setup_logging(accelerator)
     output = prepare_output_dir(args, accelerator)
     # Uploads run in the background on the main process only (see hub.HubUploader); other ranks do nothing hub-related.
@@ -364,15 +383,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     set_seed(args.seed)
     attn = attention_implementation(args.attn_implementation)
-    model = load_model(args, model_dtype(accelerator), attn)
+    model = load_model(args, model_dtype(accelerator, args), attn)
     if args.use_liger_kernel:
         model = ChunkedLossModel(model, args.loss_chunk_size)
     logger.info("Model %s: %.1fM parameters, attention %s, padding-free %s.", args.model_name_or_path,
-                sum(p.numel() for p in model.parameters()) / 1e6, attn, args.padding_free)
+                parameter_count(model) / 1e6, attn, args.padding_free)
     flops_model = FlopsModel.of(model)  # sizes read before ZeRO-3 partitions the weights
-    peak, peak_source = peak_flops(accelerator.device, args.peak_tflops, model_dtype(accelerator))
+    peak, peak_source = peak_flops(accelerator.device, args.peak_tflops, model_dtype(accelerator, args))
     logger.info("Peak for MFU: %s (%s).", f"{peak / 1e12:.1f} TFLOP/s per device" if peak else "none", peak_source)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate)
     scheduler = build_scheduler(optimizer, total_steps, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -427,9 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_seconds, final_throughput, efficiency = counters.elapsed, counters.throughput(), counters.efficiency(peak)
     peak_memory = peak_memory_gb(accelerator)
-    save_final_model(accelerator, model, tokenizer, output)
+    save_final(args, accelerator, model, tokenizer, output)
     summary = {
         "steps": total_steps,
+        "fine_tune": describe_fine_tune(args),
+        "trainable_parameters": parameter_count(model, trainable_only=True),
         "resumed_from": str(resume_from) if resume_from else None,
         "train_seconds": round(train_seconds, 2),
         "first_train_loss": first_loss,

@@ -4,8 +4,9 @@ Model FLOPs count the work the model needs, not what the hardware did (recomputa
 and padding are not counted), for one optimizer step over examples of lengths s_i with T = sum(s_i) real tokens:
 
     6 * N_blocks * T                           every weight of the transformer blocks: 2 FLOPs per multiply-add,
-                                               x3 for forward + backward (input and weight gradients)
-  + 6 * vocab * hidden * trained_tokens         the output layer, where the loss needs logits
+                                               x3 for forward + backward (input and weight gradients); a frozen
+                                               weight (a LoRA base) needs no weight gradient: x2 instead of x3
+  + 6 * vocab * hidden * trained_tokens         the output layer, where the loss needs logits (4 when frozen)
   + 6 * layers * heads * head_dim * sum(s_i^2)  causal attention (QK^T and AV: 4 s^2 d per head forward, halved by the
                                                causal mask, x3 for the backward); each example attends only to itself
 
@@ -26,7 +27,10 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200"
                     "L40S": 362.05}
 
 
-def _numel(parameter: torch.nn.Parameter) -> int:
+def parameter_numel(parameter: torch.nn.Parameter) -> int:
+    quantized = getattr(parameter, "quant_state", None)  # bitsandbytes 4-bit: two weights per stored byte
+    if quantized is not None:
+        return int(np.prod(quantized.shape))
     return int(getattr(parameter, "ds_numel", parameter.numel()))  # ZeRO-3 partitions leave numel() at 0
 
 
@@ -39,23 +43,29 @@ class FlopsModel:
     hidden_size: int
     num_layers: int
     attention_width: int  # heads x head_dim (the query width)
+    frozen_block_params: int = 0  # of block_params, those without a gradient (a LoRA run's base)
+    output_layer_frozen: bool = False
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> FlopsModel:
-        """From a Hugging Face causal LM (or a wrapper whose `.lm` is one, like ChunkedLossModel)."""
+        """From a Hugging Face causal LM, or a wrapper of one (ChunkedLossModel's `.lm`, a peft model)."""
         model = getattr(model, "lm", model)
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        blocks = model.get_decoder().layers
-        return cls(block_params=sum(_numel(p) for p in blocks.parameters()), vocab_size=config.vocab_size,
+        blocks = list(model.get_decoder().layers.parameters())
+        output = model.get_output_embeddings()
+        return cls(block_params=sum(parameter_numel(p) for p in blocks), vocab_size=config.vocab_size,
                    hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-                   attention_width=config.num_attention_heads * head_dim)
+                   attention_width=config.num_attention_heads * head_dim,
+                   frozen_block_params=sum(parameter_numel(p) for p in blocks if not p.requires_grad),
+                   output_layer_frozen=not any(p.requires_grad for p in output.parameters()))
 
     def step_flops(self, lengths: np.ndarray, trained_tokens: int) -> float:
         """Model FLOPs of one optimizer step over examples of these lengths (see the module docstring)."""
         lengths = np.asarray(lengths, dtype=np.float64)
-        dense = 6.0 * self.block_params * lengths.sum()
-        output_layer = 6.0 * self.vocab_size * self.hidden_size * trained_tokens
+        trainable = self.block_params - self.frozen_block_params
+        dense = (6.0 * trainable + 4.0 * self.frozen_block_params) * lengths.sum()
+        output_layer = (4.0 if self.output_layer_frozen else 6.0) * self.vocab_size * self.hidden_size * trained_tokens
         attention = 6.0 * self.num_layers * self.attention_width * (lengths ** 2).sum()
         return dense + output_layer + attention
 

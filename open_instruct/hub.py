@@ -24,12 +24,12 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from open_instruct.args import describe_global_batch
+from open_instruct.args import describe_fine_tune, describe_global_batch, uses_lora
 from open_instruct.data import DataError, MixerItem, resolve_mixture
 
 logger = logging.getLogger("open_instruct.hub")
 
-UPLOAD_IGNORE = ["checkpoints/**", ".final_model.tmp/**", "wandb/**", "*.tmp"]
+UPLOAD_IGNORE = ["checkpoints/**", ".final_model.tmp/**", ".adapter.tmp/**", ".merged.tmp/**", "wandb/**", "*.tmp"]
 TRANSIENT_STATUSES = {408, 429}  # and every 5xx
 FINAL = "final model"
 
@@ -270,6 +270,31 @@ def _evaluation_section(summary: dict) -> list[str]:
             *rows, ""]
 
 
+def _learning_rates(args) -> str:
+    if args.lora_learning_rate is None:
+        return str(args.learning_rate)
+    saved = f", {' '.join(args.lora_modules_to_save)} {args.learning_rate}" if args.lora_modules_to_save else ""
+    return f"adapters {args.lora_learning_rate}{saved}"
+
+
+def _usage_section(args, target: str, load_revision: str) -> list[str]:
+    """How to load what the run saved: the model, or the LoRA adapter on its base (and the merged model)."""
+    lines = ["## Usage", "", "```python"]
+    if not uses_lora(args):
+        return lines + ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                        f'tokenizer = AutoTokenizer.from_pretrained("{target}"{load_revision})',
+                        f'model = AutoModelForCausalLM.from_pretrained("{target}"{load_revision})', "```", ""]
+    lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+              "# the adapter, loaded onto its base model (adapter_config.json names the base)",
+              f'tokenizer = AutoTokenizer.from_pretrained("{target}"{load_revision})',
+              f'model = AutoPeftModelForCausalLM.from_pretrained("{target}"{load_revision})']
+    if args.merge_lora_on_save:
+        lines += ["", "# or the merged model, a plain transformers model (no peft needed)",
+                  "from transformers import AutoModelForCausalLM",
+                  f'model = AutoModelForCausalLM.from_pretrained("{target}"{load_revision}, subfolder="merged")']
+    return lines + ["```", ""]
+
+
 def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[dict] | None = None, *,
                      repo_id: str | None = None, revision: str | None = None,
                      num_processes: int | None = None) -> Path:
@@ -284,10 +309,11 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else []
     base, items = args.model_name_or_path, _mixture_items(args)
     hub_datasets = list(dict.fromkeys(item.name.split("@", 1)[0] for item in items if item.kind == "hub"))
+    lora = uses_lora(args)
     data = ModelCardData(
         base_model=base if _looks_like_hub_id(base) else None,
-        library_name="transformers",
-        tags=["open-instruct", "sft"],
+        library_name="peft" if lora else "transformers",
+        tags=["open-instruct", "sft", *(["lora"] if lora else []), *(["qlora"] if args.use_qlora else [])],
         datasets=hub_datasets or None,
         pipeline_tag="text-generation",
     )
@@ -295,7 +321,8 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
     length = (f"{steps} optimizer steps (--max_train_steps)" if args.max_train_steps
               else f"{args.num_train_epochs} epochs = {steps} optimizer steps")
     hyper = {
-        "learning rate": args.learning_rate,
+        "fine-tune": describe_fine_tune(args),
+        "learning rate": _learning_rates(args),
         "scheduler": _schedule(args),
         "weight decay": args.weight_decay,
         "gradient clipping": args.clip_grad_norm if args.clip_grad_norm > 0 else "off",
@@ -311,7 +338,7 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
         hyper["max_tokens_per_micro_batch"] = args.max_tokens_per_micro_batch
     metric_names = ("first_train_loss", "last_train_loss", "steps", "total_tokens", "trained_tokens", "train_seconds",
                     "per_device_tps", "per_device_tps_including_padding", "trained_tokens_per_sec", "mfu",
-                    "peak_memory_gb")
+                    "peak_memory_gb", "trainable_parameters")
     target = repo_id or "<repo id>"
     load_revision = f', revision="{revision}"' if revision else ""
     body = [
@@ -342,15 +369,7 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
         *(f"| {name} | {summary[name]} |" for name in metric_names if name in summary),
         "",
         *_evaluation_section(summary),
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{target}"{load_revision})',
-        f'model = AutoModelForCausalLM.from_pretrained("{target}"{load_revision})',
-        "```",
-        "",
+        *_usage_section(args, target, load_revision),
     ]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
     path = output / "README.md"

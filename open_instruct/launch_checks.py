@@ -69,3 +69,16 @@ def check_sources(args, api=None, ask_hub: bool = True) -> list[str]:
     if errors:
         raise LaunchError("\n".join(errors))
     return [warning for _, warning in problems if warning]
+
+
+def check_qlora_layout(args, deepspeed: bool, gpus_per_node: int) -> None:
+    """What the trainer would refuse at start-up after a queue wait: QLoRA needs GPUs and runs without DeepSpeed
+    (open_instruct/lora.py check_lora_setup)."""
+    if not args.use_qlora:
+        return
+    if gpus_per_node < 1:
+        raise LaunchError("--use_qlora needs CUDA GPUs (bitsandbytes' 4-bit kernels): give --gpus_per_node, or use "
+                          "--use_lora.")
+    if deepspeed:
+        raise LaunchError("--use_qlora runs on one process or under DDP, not DeepSpeed: drop --use_deepspeed and "
+                          "--deepspeed_config_file from the accelerate command.")

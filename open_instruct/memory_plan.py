@@ -17,6 +17,12 @@ Every figure is an estimate of the peak, in bytes per GPU. What the trainer hold
   backward, and DDP (accelerate's default, gradient_as_bucket_view off) a flat copy of the gradients in its
   all-reduce buckets (4).
 
+LoRA (--use_lora): the frozen base in the training dtype (2 B/param with bf16, whether DeepSpeed's or mixed
+precision's, else 4), or for QLoRA every linear layer but the output layer in 4-bit NF4 with double-quantized
+scales (0.5 + 0.0159 B/param) and the rest in bf16; gradients, optimizer states, autocast copies and DDP buckets
+only for the trainable parameters (the adapters, r x (in + out) per adapted layer, and --lora_modules_to_save).
+Activations are counted as for full fine-tuning (the adapters' own small inputs and outputs are not added).
+
 Activations and the loss's logits are estimates for one micro-batch (see `activation_bytes_per_token` and
 `logits_bytes`); attention is assumed to be a flash-style kernel (no sequence x sequence scores) except with
 --attn_implementation eager. The plan covers dense decoder-only transformers (Llama, OLMo, Qwen style); for a
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from open_instruct.args import FinetuneArgs
+from open_instruct.args import FinetuneArgs, uses_lora
 
 GiB = 2**30
 # Kept free on top of the plan: the CUDA context and NCCL's buffers (~1-2 GiB), the caching allocator's fragmentation
@@ -46,6 +52,9 @@ OVERLAP_COMM_FACTOR = 4.5
 # The unfused loss: the fp32 log-softmax kept for the backward, the fp32 gradient coming into it and the fp32
 # gradient of its input are alive together at the peak of the loss's backward: 3 x 4 bytes per (token, vocab entry).
 UNFUSED_LOGITS_BYTES = 12
+# bitsandbytes NF4 with double quantization: 4 bits per weight, an 8-bit scale per 64 weights and an fp32 scale per
+# 256 of those: (4 + 8/64 + 32/(64*256)) / 8 bytes.
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,6 +78,27 @@ def largest_module_parameters(config) -> int:
     """The most parameters any one module owns directly (usually the embedding or the output layer): what ZeRO-3
     gathers at once, since it fetches a module's own parameters just before that module runs."""
     return max(sum(p.numel() for p in module.parameters(recurse=False)) for module in _meta_model(config).modules())
+
+
+def _adapted_linears(model: torch.nn.Module, targets: list[str]) -> list[torch.nn.Linear]:
+    """The linear layers LoRA adapts: every one but the output layer (peft's all-linear), or those whose name
+    ends with a target."""
+    output = model.get_output_embeddings()
+    return [module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and module is not output and (not targets or any(name == t or name.endswith("." + t) for t in targets))]
+
+
+def lora_parameter_counts(config, args: FinetuneArgs) -> tuple[int, int]:
+    """(trainable parameters: adapters r x (in + out) per adapted linear plus --lora_modules_to_save copies,
+    parameters of the linear layers QLoRA quantizes: all but the output layer)."""
+    model = _meta_model(config)
+    adapters = sum(args.lora_rank * (m.in_features + m.out_features)
+                   for m in _adapted_linears(model, list(args.lora_target_modules)))
+    saved = sum(p.numel() for name, module in model.named_modules()
+                if any(name == t or name.endswith("." + t) for t in args.lora_modules_to_save)
+                for p in module.parameters())
+    quantizable = sum(m.weight.numel() for m in _adapted_linears(model, []))
+    return adapters + saved, quantizable
 
 
 def load_model_config(model_name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -265,10 +295,16 @@ def plan_memory(args: FinetuneArgs, config, num_params: int, world_size: int, ds
     optimizer_bytes = 16 if deepspeed_half else 8  # fp32 master + moments + step's fp32 gradient, or moments only
     act_bytes = 2 if half else 4
 
-    def share(per_param: int, partitioned: bool) -> int:
-        return int(per_param * num_params / (world_size if partitioned else 1))
+    trainable, frozen_bytes = num_params, 0.0
+    if uses_lora(args):
+        trainable, quantizable = lora_parameter_counts(config, args)
+        frozen_bytes = (NF4_BYTES_PER_PARAM * quantizable + 2 * (num_params - quantizable) if args.use_qlora
+                        else (2 if half else 4) * num_params)  # see finetune.model_dtype
 
-    params = share(weight_bytes, stage >= 3)
+    def share(per_param: float, partitioned: bool, count: int | None = None) -> int:
+        return int(per_param * (trainable if count is None else count) / (world_size if partitioned else 1))
+
+    params = share(frozen_bytes, stage >= 3, 1) + share(weight_bytes, stage >= 3)
     grads = share(grad_bytes, stage >= 2)
     optimizer = share(optimizer_bytes, stage >= 1)
     cpu = 0
@@ -294,6 +330,9 @@ def plan_memory(args: FinetuneArgs, config, num_params: int, world_size: int, ds
     components["loss logits"] = logits_bytes(config, args, tokens, act_bytes)
 
     setup = f"ZeRO stage {stage}" if ds_config is not None else "DDP (no DeepSpeed)"
+    if uses_lora(args):
+        setup += (f", {'QLoRA (4-bit base)' if args.use_qlora else 'LoRA'} rank {args.lora_rank}: "
+                  f"{trainable / 1e6:.1f}M trainable parameters")
     loss = f"chunked loss, {args.loss_chunk_size} rows" if args.use_liger_kernel else "unfused loss"
     note = (f"{num_params / 1e9:.2f}B parameters, {world_size} GPUs, {setup}, {'bf16' if half else 'fp32'}; "
             f"{tokens} tokens per micro-batch, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "

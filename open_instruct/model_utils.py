@@ -82,15 +82,28 @@ def packed_examples_stay_apart(model, device, vocab_size: int) -> bool:
 
 
 def load_model(args, dtype: torch.dtype, attn_implementation: str):
+    """The base model, with Liger's kernels and gradient checkpointing as asked, and LoRA adapters with --use_lora
+    (open_instruct/lora.py; QLoRA loads the weights in 4 bits onto this process's GPU)."""
+    from open_instruct.args import uses_lora
+    from open_instruct.lora import apply_lora, quantization_config
+
+    quantization = quantization_config(args)
+    placement = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, revision=args.model_revision, dtype=dtype, attn_implementation=attn_implementation
+        args.model_name_or_path, revision=args.model_revision, dtype=dtype, attn_implementation=attn_implementation,
+        **placement,
     )
     if args.use_liger_kernel:
         apply_liger_kernel(model)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: gradients reach the adapters of a frozen LoRA base without inputs that require grad.
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: the old name
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model
+    return apply_lora(model, args) if uses_lora(args) else model
 
 
 def apply_liger_kernel(model) -> bool:

@@ -36,15 +36,22 @@ def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_ratio: floa
     return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if any(key in name.lower() for key in NO_DECAY_KEYWORDS) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float,
+                    lora_learning_rate: float | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: no weight decay on biases and norms; LoRA adapters at
+    `lora_learning_rate` when given (their groups come first, so the logged LR is theirs)."""
+    from open_instruct.lora import adapter_learning_rates
+
+    groups: dict[tuple[float, bool], list] = {(learning_rate, True): [], (learning_rate, False): []}
+    for name, param, lr in adapter_learning_rates(model.named_parameters(), learning_rate, lora_learning_rate):
+        decays = not any(key in name.lower() for key in NO_DECAY_KEYWORDS)
+        groups.setdefault((lr, decays), []).append(param)
+    order = sorted(groups, key=lambda key: key[0] != (lora_learning_rate or learning_rate))  # stable
+    param_groups = [{"params": groups[key], "lr": key[0], "weight_decay": weight_decay if key[1] else 0.0}
+                    for key in order if groups[key]]  # no empty groups: a LoRA run trains no norms
     # The fused kernel on CUDA: one launch for all parameters and no parameter-sized temporaries (foreach AdamW's
     # would set the run's peak memory). Parameters are still on the CPU here; fused checks their device at step time.
-    return torch.optim.AdamW(groups, lr=learning_rate, fused=torch.cuda.is_available())
+    return torch.optim.AdamW(param_groups, lr=learning_rate, fused=torch.cuda.is_available())
 
 
 def build_scheduler(optimizer, total_steps: int, args) -> torch.optim.lr_scheduler.LambdaLR:

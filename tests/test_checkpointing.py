@@ -180,17 +180,32 @@ def straight_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
+LORA = ["--use_lora", "--lora_rank", "8", "--lora_alpha", "16"]  # dropout 0.1: the resumed RNG must match as well
+
+
+@pytest.fixture(scope="module")
+def straight_lora_run(tiny_model_dir, tmp_path_factory):
+    """The same 6 steps training LoRA adapters."""
+    out = tmp_path_factory.mktemp("straight_lora")
+    finetune(train_args(tiny_model_dir, out, *LORA))
+    return out
+
+
 @pytest.mark.integration
-def test_a_killed_run_resumes_bitwise(tiny_model_dir, tmp_path, straight_run):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_killed_run_resumes_bitwise(tiny_model_dir, tmp_path, request, kind):
+    straight_run = request.getfixturevalue("straight_run" if kind == "full" else "straight_lora_run")
+    weights = "model.safetensors" if kind == "full" else "adapter_model.safetensors"
     out = tmp_path / "run"
-    args = train_args(tiny_model_dir, out, "--checkpointing_steps", "3")
+    args = train_args(tiny_model_dir, out, "--checkpointing_steps", "3", *(LORA if kind == "lora" else []))
     killed = with_fault(args, "kill_after_save", 3)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert [p.name for p in complete_checkpoints(out)] == ["step_3"] and not (out / "model.safetensors").exists()
+    assert [p.name for p in complete_checkpoints(out)] == ["step_3"] and not (out / weights).exists()
     finetune(args)  # the same command again: --resume_from_checkpoint auto
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step_3")
     assert step_metrics(out) == step_metrics(straight_run)  # bitwise: losses, grad norms, LRs, token counts
-    resumed, straight = load_file(out / "model.safetensors"), load_file(straight_run / "model.safetensors")
+    resumed, straight = load_file(out / weights), load_file(straight_run / weights)
+    assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
 
 

@@ -306,6 +306,33 @@ def test_model_card_shows_the_evaluation_before_final_and_best(tmp_path):
     assert text.index("## Evaluation") < text.index("## Usage")
 
 
+def test_a_lora_run_uploads_its_adapter_and_merged_model_but_no_unfinished_save():
+    """The final upload's ignore patterns, applied by huggingface_hub's own filter to a LoRA run folder."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "metrics.jsonl",
+             "merged/config.json", "merged/model.safetensors", ".adapter.tmp/adapter_model.safetensors",
+             ".merged.tmp/model.safetensors", "checkpoints/step_4/model.safetensors", "wandb/run/files.txt"]
+    kept = set(filter_repo_objects(files, ignore_patterns=hub.UPLOAD_IGNORE))
+    assert kept == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md",
+                    "metrics.jsonl", "merged/config.json", "merged/model.safetensors"}
+
+
+def test_model_card_of_a_lora_run_says_how_to_load_the_adapter_and_the_merged_model(tmp_path):
+    args = parse_args(["--model_name_or_path", "allenai/base-model", "--dataset_mixer_list", "synthetic:spelling",
+                       "1.0", "--use_lora", "--lora_rank", "16", "--lora_learning_rate", "2e-4",
+                       "--merge_lora_on_save"])
+    card = ModelCard.load(hub.write_model_card(tmp_path, args, {"steps": 3, "trainable_parameters": 1234}, [],
+                                               repo_id="org/run", revision="run"))
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    text = card.text
+    assert "| fine-tune | LoRA, rank 16, alpha 16, dropout 0.1, on all linear projections |" in text
+    assert "| learning rate | adapters 0.0002 |" in text
+    assert "| trainable_parameters | 1234 |" in text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("org/run", revision="run")' in text
+    assert 'AutoModelForCausalLM.from_pretrained("org/run", revision="run", subfolder="merged")' in text
+
+
 def test_model_card_of_a_local_base_model_has_no_base_model_metadata(tmp_path):
     model = tmp_path / "local-model"
     model.mkdir()

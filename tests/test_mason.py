@@ -14,7 +14,7 @@ from conftest import REPO, clean_env, run
 from open_instruct.launch import (
     Layout, LaunchError, ShellVar, node_command, parse_env_assignments, parse_launch_command, shell_join,
 )
-from open_instruct.launch_checks import check_sources, parse_trainer_flags
+from open_instruct.launch_checks import check_qlora_layout, check_sources, parse_trainer_flags
 
 ZERO3 = "configs/ds_configs/stage3_no_offloading_accelerate.conf"
 TRAINER = ["-m", "open_instruct.finetune", "--model_name_or_path", "m", "--dataset_mixer_list", "synthetic:spelling",
@@ -141,6 +141,20 @@ def test_eval_sources_are_checked_like_training_sources(tmp_path):
                                 "--eval_tasks", f"mc:{missing}"])
     with pytest.raises(LaunchError, match=f"--eval_tasks mc:{missing}: no such file"):
         check_sources(args, api=FakeHub())
+
+
+def test_qlora_needs_gpus_and_no_deepspeed_before_submitting():
+    qlora = parse_trainer_flags(TRAINER[2:] + ["--use_qlora"])
+    check_qlora_layout(qlora, deepspeed=False, gpus_per_node=1)
+    check_qlora_layout(parse_trainer_flags(TRAINER[2:] + ["--use_lora"]), deepspeed=True, gpus_per_node=0)
+    with pytest.raises(LaunchError, match="--use_qlora needs CUDA GPUs"):
+        check_qlora_layout(qlora, deepspeed=False, gpus_per_node=0)
+    with pytest.raises(LaunchError, match="drop --use_deepspeed"):
+        check_qlora_layout(qlora, deepspeed=True, gpus_per_node=8)
+    result = mason("--backend", "print", "--gpus_per_node", "8", "--", "accelerate", "launch", "--use_deepspeed",
+                   "--deepspeed_config_file", "configs/ds_configs/stage3_no_offloading_accelerate.conf", *TRAINER,
+                   "--use_qlora", check=False)
+    assert result.returncode == 2 and "drop --use_deepspeed" in result.stderr
 
 
 def test_an_unreachable_hub_is_a_warning_not_an_error():

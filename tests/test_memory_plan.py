@@ -11,10 +11,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config
 
 from open_instruct.args import parse_args
 from open_instruct.memory_plan import (
+    NF4_BYTES_PER_PARAM,
     GiB,
     activation_bytes_per_token,
     count_parameters,
     load_model_config,
+    lora_parameter_counts,
     plan_memory,
     tokens_per_micro_batch,
 )
@@ -211,3 +213,41 @@ def test_format_prints_every_component_and_the_verdict():
     assert "total" in text and "fits in 80 GiB" in text and "offloaded to CPU" in text
     assert plan.rows()[-1] == ("total", plan.total_bytes / GiB)
     assert "does NOT fit" in plan.format(4)
+
+
+# --- LoRA and QLoRA -----------------------------------------------------------------------------------------------
+
+
+def test_lora_counts_on_llama_8b():
+    # per layer at rank 64: q, o 64 x (4096 + 4096); k, v 64 x (4096 + 1024); gate, up, down 64 x (4096 + 14336)
+    #   = 1,048,576 + 655,360 + 3,538,944 = 5,242,880; x 32 layers = 167,772,160 (what peft reports for this model)
+    # QLoRA quantizes every linear layer but the output layer: the 32 layers' 6,979,584,000 minus their norms' 262,144
+    args = parse_args(BASE + ["--use_lora"])
+    assert lora_parameter_counts(llama_3_1_8b(), args) == (167_772_160, 6_979_321_856)
+    named = parse_args(BASE + ["--use_lora", "--lora_rank", "8", "--lora_target_modules", "q_proj", "v_proj",
+                               "--lora_modules_to_save", "lm_head"])
+    assert lora_parameter_counts(llama_3_1_8b(), named)[0] == 32 * 8 * (8192 + 5120) + 128_256 * 4096
+
+
+def test_lora_keeps_model_states_only_for_the_adapters():
+    """One GPU, no DeepSpeed, bf16 mixed precision: the frozen base in bf16 (QLoRA: NF4 for the linear layers),
+    fp32 adapters with their fp32 gradients and AdamW moments."""
+    config, n = llama_3_1_8b(), 8_030_261_248
+    lora = plan_memory(parse_args(BASE + ["--use_lora"]), config, n, world_size=1, ds_config=None)
+    assert lora.components["parameters"] == 2 * n + 4 * 167_772_160
+    assert lora.components["gradients"] == 4 * 167_772_160 and lora.components["optimizer states"] == 8 * 167_772_160
+    assert lora.components["autocast bf16 weight copies"] == 2 * 167_772_160
+    qlora = plan_memory(parse_args(BASE + ["--use_qlora", "--lora_rank", "16"]), config, n, 1, None)
+    trainable, quantized = 41_943_040, 6_979_321_856
+    assert qlora.components["parameters"] == int(NF4_BYTES_PER_PARAM * quantized + 2 * (n - quantized)) + 4 * trainable
+    assert "QLoRA (4-bit base) rank 16: 41.9M trainable parameters" in qlora.format()
+
+
+def test_qlora_fits_llama_8b_on_one_24gb_gpu_where_full_fine_tuning_does_not_fit_80gb():
+    config, n = llama_3_1_8b(), 8_030_261_248
+    one_gpu = ["--per_device_train_batch_size", "1", "--max_seq_length", "2048", "--gradient_checkpointing",
+               "--use_liger_kernel"]
+    qlora = plan_memory(parse_args(BASE + one_gpu + ["--use_qlora", "--lora_rank", "16"]), config, n, 1, None)
+    assert qlora.fits(24) and not qlora.fits(8)
+    assert plan_memory(parse_args(BASE + one_gpu + ["--use_lora"]), config, n, 1, None).fits(80)
+    assert not plan_memory(parse_args(BASE + one_gpu), config, n, 1, None).fits(80)

@@ -14,7 +14,8 @@ from open_instruct.data import MixerItem, load_source
 
 def args(**overrides):
     values = dict(model_name_or_path="org/model", model_revision=None, tokenizer_name_or_path=None,
-                  tokenizer_revision=None, chat_template_name=None, use_liger_kernel=False, gradient_checkpointing=False)
+                  tokenizer_revision=None, chat_template_name=None, use_liger_kernel=False, gradient_checkpointing=False,
+                  use_lora=False, use_qlora=False)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -42,7 +43,7 @@ def test_model_loading_passes_revision_dtype_attention_and_checkpointing(tiny_mo
     model = model_utils.load_model(args(model_name_or_path=str(tiny_model_dir), gradient_checkpointing=True),
                                    torch.float32, "eager")
     assert model.config._attn_implementation == "eager"
-    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    assert model.is_activation_checkpointing and model.config.use_cache is False
 
 
 def test_liger_on_cpu_keeps_pytorch_ops_and_says_so(caplog, tiny_model_dir):
