@@ -340,7 +340,7 @@ def config_rows(config: dict, environment: dict) -> list[list]:
               else f"{fmt(c('num_train_epochs'))} epochs")
     model = f"{c('model_name_or_path')} @ {c('model_revision')}" if c("model_revision") else c("model_name_or_path")
     rows = [
-        ["model", model],
+        ["model", model], ["fine-tune", _fine_tune(config)],
         ["mixture", mixture], ["splits", splits],
         ["max_seq_length", f"{fmt(c('max_seq_length'))} (truncation: {fmt(c('truncation'))})"],
         ["global batch", batch],
@@ -349,8 +349,18 @@ def config_rows(config: dict, environment: dict) -> list[list]:
         ["padding_free", c("padding_free")], ["seed", c("seed")],
     ]
     if c("max_tokens_per_micro_batch") is not None:
-        rows.insert(5, ["max_tokens_per_micro_batch", c("max_tokens_per_micro_batch")])
+        rows.insert(6, ["max_tokens_per_micro_batch", c("max_tokens_per_micro_batch")])
     return rows
+
+
+def _fine_tune(config: dict) -> str:
+    """Full, or the LoRA settings (flags missing from an older run_config.yaml take their defaults)."""
+    from types import SimpleNamespace
+
+    from open_instruct.args import default_values, describe_fine_tune
+
+    known = default_values()
+    return describe_fine_tune(SimpleNamespace(**{**known, **{k: v for k, v in config.items() if k in known}}))
 
 
 def _pairs(items: list) -> str:

@@ -296,6 +296,8 @@ def test_config_rows_name_the_batch_definition_and_tolerate_missing_flags():
     assert rows["global batch"] == "65,536 tokens per step (--global_batch_tokens)"
     assert rows["schedule"] == "wsd, warmup ratio 0.1, final LR ratio 0.1, warmdown ratio 0.2"
     assert rows["training length"] == "2 epochs" and rows["max_tokens_per_micro_batch"] == "8,192"
-    assert rows["model"] == "—" and rows["mixture"] == "—"
+    assert rows["model"] == "—" and rows["mixture"] == "—" and rows["fine-tune"] == "full (every weight)"
+    lora = dict(report.config_rows({"use_lora": True, "lora_rank": 8, "lora_target_modules": ["q_proj"]}, {}))
+    assert lora["fine-tune"] == "LoRA, rank 8, alpha 16, dropout 0.1, on q_proj"
     per_device = dict(report.config_rows({"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4}, {}))
     assert per_device["global batch"] == "8 per device x 4 accumulation x the number of processes"
