@@ -272,6 +272,13 @@ def end_of_turn_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def move_files_into(tmp: Path, output: Path) -> None:
+    """Move a complete temporary folder's files next to the run's logs, then remove it."""
+    for file in tmp.iterdir():
+        os.replace(file, output / file.name)
+    tmp.rmdir()
+
+
 def set_generation_stops(generation, tokenizer) -> None:
     """Generation stops at the chat template's end of turn first, keeping the base model's own stops."""
     existing = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
@@ -302,7 +309,5 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str | Path, max_
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        for file in tmp.iterdir():
-            os.replace(file, output / file.name)
-        tmp.rmdir()
+        move_files_into(tmp, output)
     accelerator.wait_for_everyone()

@@ -226,8 +226,9 @@ def local_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[str]]:
-    rows, where = [], []
+def jsonl_values(path: Path):
+    """(file:line, the line, its parsed value) for each non-blank line of a JSONL file; invalid JSON is a DataError
+    naming the file and line."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -236,10 +237,16 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[str]]:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}). Fix or remove the line.") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(value).__name__}.")
-            rows.append(line)
-            where.append(f"{path}:{number}")
+            yield f"{path}:{number}", line, value
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[str]]:
+    rows, where = [], []
+    for place, line, value in jsonl_values(path):
+        if not isinstance(value, dict):
+            raise DataError(f"{place}: each line must be a JSON object, got {type(value).__name__}.")
+        rows.append(line)
+        where.append(place)
     return rows, where
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from open_instruct import synthetic
 from open_instruct.batching import collate
 from open_instruct.checkpointing import end_of_turn_token_ids
-from open_instruct.data import DataError, MixerItem, TokenizedMixture, parse_mixer
+from open_instruct.data import DataError, MixerItem, TokenizedMixture, jsonl_values, parse_mixer
 from open_instruct.loss import token_loss_sum
 from open_instruct.model_utils import ChunkedLossModel, pad_token_id
 from open_instruct.tokenization import IGNORE_INDEX, bos_prefix, encode_messages, render
@@ -193,16 +193,7 @@ def parse_question(row, where: str) -> ChoiceQuestion:
 
 def load_mc_file(path: str | Path) -> list[ChoiceQuestion]:
     """A multiple-choice JSONL file (ARC/MMLU shape); errors name the file and line."""
-    questions = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}).") from None
-            questions.append(parse_question(row, f"{path}:{number}"))
+    questions = [parse_question(row, where) for where, _, row in jsonl_values(Path(path))]
     if not questions:
         raise DataError(f"{path}: no multiple-choice rows.")
     return questions

@@ -11,6 +11,7 @@ checkpoints, evaluation) sees an ordinary module whose trainable parameters are 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from open_instruct.checkpointing import move_files_into, set_generation_stops
 from open_instruct.model_utils import ModelSetupError
 
 logger = logging.getLogger(__name__)
@@ -115,12 +117,13 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     (a collective: every rank calls this), never the frozen base."""
     peft_model = peft_model_of(accelerator, model)
     named = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+    gathered = contextlib.nullcontext()
     if getattr(named[0][1], "ds_id", None) is not None:  # ZeRO-3 partitioned
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {name: p.detach().cpu().clone() for name, p in named}
-    return {name: p.detach().cpu().clone() for name, p in named}
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+    with gathered:
+        return {name: p.detach().cpu().clone() for name, p in named}
 
 
 def save_adapter(accelerator, model, tokenizer, output_dir: str | Path) -> None:
@@ -135,7 +138,7 @@ def save_adapter(accelerator, model, tokenizer, output_dir: str | Path) -> None:
                                                           save_embedding_layers=False)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's blank card; the hub upload writes the real one
         tokenizer.save_pretrained(tmp)
-        _move_into(tmp, output)
+        move_files_into(tmp, output)
     accelerator.wait_for_everyone()
 
 
@@ -145,8 +148,6 @@ def save_merged(args, tokenizer, output_dir: str | Path) -> Path:
     Main process only."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from open_instruct.checkpointing import set_generation_stops
 
     output = Path(output_dir)
     base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype="auto")
@@ -161,9 +162,3 @@ def save_merged(args, tokenizer, output_dir: str | Path) -> Path:
     os.replace(tmp, final)
     logger.info("Merged model: %s", final)
     return final
-
-
-def _move_into(tmp: Path, output: Path) -> None:
-    for file in tmp.iterdir():
-        os.replace(file, output / file.name)
-    tmp.rmdir()

@@ -172,6 +172,17 @@ def step_metrics(output_dir) -> dict[int, dict]:
     return {r["step"]: {k: r[k] for k in ("train_loss", "grad_norm", "learning_rate", "total_tokens")} for r in rows}
 
 
+def assert_steps_match(resumed_dir, reference_dir) -> None:
+    """Every step logged once, with the reference run's losses, grad norms and LRs within the multi-process
+    summation-order tolerance (1e-5 relative) and its exact token counts."""
+    resumed, reference = step_metrics(resumed_dir), step_metrics(reference_dir)
+    assert resumed.keys() == reference.keys()
+    for step in reference:
+        for key in ("train_loss", "grad_norm", "learning_rate"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
+        assert resumed[step]["total_tokens"] == reference[step]["total_tokens"]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tiny_model_dir, tmp_path_factory):
     """6 steps without interruption: what every resumed single-process run must reproduce."""
@@ -269,12 +280,7 @@ def test_zero3_run_killed_and_resumed_matches_the_straight_run(tiny_model_dir, t
     killed = with_fault(args, "kill_after_save", 3, launcher=launcher)
     assert killed.returncode != 0 and [p.name for p in complete_checkpoints(out)] == ["step_3"]
     run([*launcher, "-m", "open_instruct.finetune", *with_cache_dir(args)])
-    resumed, reference = step_metrics(out), step_metrics(straight)
-    assert resumed.keys() == reference.keys()
-    for step in reference:
-        for key in ("train_loss", "grad_norm", "learning_rate"):
-            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
-        assert resumed[step]["total_tokens"] == reference[step]["total_tokens"]
+    assert_steps_match(out, straight)
     assert AutoTokenizer.from_pretrained(out).chat_template  # the final model saved after the resume is complete
 
 
@@ -287,12 +293,7 @@ def test_resuming_with_more_processes_keeps_the_global_batches(tiny_model_dir, t
     assert with_fault(args, "kill_after_save", 3).returncode == -9
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "open_instruct.finetune"]
     run([*torchrun, *with_cache_dir(args)], env=clean_env(ACCELERATE_USE_CPU="true"))
-    resumed, reference = step_metrics(out), step_metrics(straight_run)
-    assert resumed.keys() == reference.keys()
-    for step in reference:
-        for key in ("train_loss", "grad_norm", "learning_rate"):
-            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
-        assert resumed[step]["total_tokens"] == reference[step]["total_tokens"]
+    assert_steps_match(out, straight_run)
     environment = json.loads((out / "environment.json").read_text())
     assert environment["num_processes"] == 2 and len(environment["nodes"]) == 2  # one entry per rank
 
