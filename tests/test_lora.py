@@ -94,6 +94,13 @@ def test_adapters_go_on_every_linear_projection_by_default(tiny_model_dir):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # not lm_head
 
 
+def test_alpha_and_dropout_reach_the_adapters(tiny_model_dir):
+    model, _ = tiny_lora(tiny_model_dir, "--lora_alpha", "32", "--lora_dropout", "0.25")
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == 32 / 8  # alpha / rank
+    assert q_proj.lora_dropout["default"].p == 0.25
+
+
 def test_named_targets_and_an_unknown_target(tiny_model_dir):
     model, _ = tiny_lora(tiny_model_dir, "--lora_target_modules", "q_proj", "v_proj")
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * (2048 + 1536)
