@@ -204,6 +204,19 @@ class FinetuneArgs:
         False, "Resume a checkpoint even though its run used other data, model or global batch settings (normally "
         "an error: it would continue a different run)."
     )
+    stop_signals: list[str] = _field(
+        ["SIGTERM", "SIGINT", "SIGUSR1"],
+        "Signals that stop the run cleanly: every process finishes the optimizer step it is in, a checkpoint is saved "
+        "(also without --checkpointing_steps) and the trainer exits with status 75; rerunning the same command "
+        "continues. A second SIGINT aborts at once. 'none': signals act as without the trainer (SIGKILL-like). See "
+        "docs/finetune.md, Failures and recovery.",
+    )
+    max_wall_time: str | None = _field(
+        None,
+        "Wall-clock budget of this process (90s, 45m, 4h, 2d, HH:MM:SS or D-HH:MM:SS): the run saves a checkpoint and "
+        "stops (exit 75) early enough to finish within it. Inside a Slurm job the job's time limit applies as well, "
+        "without this flag. Default: no budget.",
+    )
     push_to_hub: bool = _field(
         False,
         "Upload the final model (and its model card) to the Hugging Face Hub, in the background, to a private repo. "
@@ -344,6 +357,7 @@ def validate(args: FinetuneArgs) -> None:
             errors.append(f"--keep_last_n_checkpoints must be at least 1, got {args.keep_last_n_checkpoints}.")
         if args.checkpointing_steps is None:
             errors.append("--keep_last_n_checkpoints has no effect without --checkpointing_steps.")
+    errors += _stop_errors(args)
     if args.force_resume and args.resume_from_checkpoint == "none":
         errors.append("--force_resume has no effect with --resume_from_checkpoint none.")
     if args.report_to not in TRACKERS:
@@ -364,6 +378,26 @@ def validate(args: FinetuneArgs) -> None:
     errors += _lora_errors(args)
     if errors:
         raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(errors))
+
+
+def _stop_errors(args: FinetuneArgs) -> list[str]:
+    import signal
+
+    from open_instruct.preemption import parse_duration
+
+    errors = []
+    if args.max_wall_time is not None:
+        try:
+            if parse_duration(args.max_wall_time) <= 0:
+                errors.append(f"--max_wall_time must be positive, got {args.max_wall_time}.")
+        except ValueError as exc:
+            errors.append(f"--max_wall_time: {exc}.")
+    names = [] if args.stop_signals == ["none"] else args.stop_signals
+    for name in names:
+        if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+            errors.append(f"--stop_signals {name}: not a signal the trainer can catch; use names like SIGTERM SIGUSR1, "
+                          "or none.")
+    return errors
 
 
 def _hub_errors(args: FinetuneArgs) -> list[str]:

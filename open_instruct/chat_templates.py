@@ -1,4 +1,5 @@
-"""Chat templates by name, as Jinja strings that `tokenizer.apply_chat_template` renders.
+"""Chat templates by name, as Jinja strings that `tokenizer.apply_chat_template` renders, and the tokens that end an
+assistant turn under a template (where generation stops).
 
 Every template here satisfies the property the loss mask relies on: rendering the first k messages (with the
 generation prompt when the next message is the assistant's) gives a prefix of rendering all of them. The
@@ -123,3 +124,37 @@ def get_chat_template(name: str) -> str:
             "or leave it unset to use the tokenizer's own template."
         )
     return CHAT_TEMPLATES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where generation stops: the token that ends an assistant turn under the template
+# ----------------------------------------------------------------------------------------------------------------
+def end_of_turn_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn under the chat template (eos, and e.g. ChatML's <|im_end|>), so that
+    generation stops where training taught the model to stop."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    marker = "\x1fend-of-answer\x1f"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # no template: eos is all there is
+        return ids
+    after = text[text.index(marker) + len(marker):] if marker in text else ""
+    special = sorted(tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values()
+                                                     if t.special], key=len, reverse=True)
+    first = next((token for token in special if after.startswith(token)), None)
+    if first is not None:
+        token_id = tokenizer.convert_tokens_to_ids(first)
+        if token_id not in ids:
+            ids.insert(0, token_id)
+    return ids
+
+
+def set_generation_stops(generation, tokenizer) -> None:
+    """Generation stops at the chat template's end of turn first, keeping the base model's own stops."""
+    existing = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    stop = list(dict.fromkeys(end_of_turn_token_ids(tokenizer) + [i for i in existing if i is not None]))
+    if stop:
+        generation.eos_token_id = stop if len(stop) > 1 else stop[0]
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id

@@ -1,4 +1,4 @@
-"""Checkpoints that resume the exact same run, saves that cannot be half-written, and the final Hugging Face model.
+"""Checkpoints that resume the exact same run, and saves that cannot be half-written (the final model: final_model.py).
 
 A checkpoint is `OUTPUT_DIR/checkpoints/step_N/`: accelerate's `save_state` (model and optimizer, as ZeRO-3 shards
 under DeepSpeed; the LR scheduler; every rank's RNG states) plus `trainer_state.json` (the next optimizer step, which
@@ -17,8 +17,17 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
+
+from open_instruct.flops import parameter_numel
+from open_instruct.ranks import any_rank
+from open_instruct.storage import (
+    StorageError,
+    cause_of,
+    free_space_problem,
+    is_write_failure,
+    write_failure_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,54 +173,68 @@ def check_resumable(checkpoint: Path, current: dict, force: bool) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Save, prune, load
 # ----------------------------------------------------------------------------------------------------------------
-def _agree(accelerator, failed: bool) -> bool:
-    """Whether any rank failed; every rank calls it, so they all stop together instead of waiting on each other."""
-    flag = torch.tensor([int(failed)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item())
+def checkpoint_bytes_estimate(model) -> int:
+    """About the size of a checkpoint before the first one exists: the weights as held, plus Adam's two fp32 moments
+    and, for 16-bit weights, DeepSpeed's fp32 master copy of every trainable weight."""
+    total = 0
+    for parameter in model.parameters():
+        count = parameter_numel(parameter)
+        total += count * parameter.element_size()
+        if parameter.requires_grad:
+            total += count * (8 + (4 if parameter.element_size() < 4 else 0))
+    return total
 
 
-def _space_problem(output_dir: Path, previous: Path | None) -> str | None:
-    """A checkpoint is about the size of the previous one: refuse before writing when the disk cannot hold it."""
-    if previous is None:
-        return None
-    needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
-    free = shutil.disk_usage(output_dir).free
-    if free < needed:
-        return f"{free / 1e9:.2f} GB free on the disk of {output_dir}, a checkpoint needs about {needed / 1e9:.2f} GB"
-    return None
+def _space_problem(output_dir: Path, previous: Path | None, estimate: int | None) -> str | None:
+    """A checkpoint is about the size of the previous one (or of the estimate before the first): refuse before
+    writing when the disk cannot hold it."""
+    needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else estimate
+    return free_space_problem(output_dir, needed, "a checkpoint") if needed else None
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_state: dict, run_config: dict) -> Path:
+def newest_intact_description(output_dir: str | Path) -> str:
+    """What a user still has after a failed write: the checkpoint the same command would resume, or none."""
+    previous = complete_checkpoints(output_dir)
+    if previous:
+        return f"the newest checkpoint {previous[-1]} is intact and the same command resumes from it"
+    return "no checkpoint of this run exists (--checkpointing_steps N saves them)"
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_state: dict, run_config: dict,
+                    estimate: int | None = None) -> Path:
     """Write checkpoint `step` crash-safely (see the module docstring); every rank calls it.
 
-    Not enough disk space (measured against the previous checkpoint) or a failed write on any rank raises
-    CheckpointError on every rank; the unfinished folder is removed and earlier checkpoints stay as they were.
+    Not enough disk space (measured against the previous checkpoint, or `estimate` bytes for the first) or a failed
+    write on any rank raises StorageError on every rank; the unfinished folder is removed and earlier checkpoints stay
+    as they were.
     """
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     problem = None
     if accelerator.is_main_process:
         previous = complete_checkpoints(output_dir)
-        problem = _space_problem(Path(output_dir), previous[-1] if previous else None)
+        problem = _space_problem(Path(output_dir), previous[-1] if previous else None, estimate)
         if problem is None:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             except OSError as error:
-                problem = str(error)
-    if _agree(accelerator, problem is not None):
-        raise CheckpointError(_save_failed(final, problem or "another process could not start it"))
+                problem = cause_of(error)
+    if any_rank(accelerator, problem is not None):
+        raise StorageError(_save_failed(final, problem or "the main process could not start it"))
     try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
             (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
-    except OSError as error:
-        problem = str(error)
-    if _agree(accelerator, problem is not None):
+    except Exception as error:
+        if not is_write_failure(error):
+            raise
+        problem = cause_of(error)
+    if any_rank(accelerator, problem is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_save_failed(final, problem or "another process failed to write its part"))
+        raise StorageError(_save_failed(final, problem or "another process failed to write its part"))
     if accelerator.is_main_process:
         (tmp / COMPLETED_MARKER).write_text(json.dumps({"step": step}))  # written once, after every rank's part
         shutil.rmtree(final, ignore_errors=True)
@@ -221,9 +244,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
 
 
 def _save_failed(final: Path, reason: str) -> str:
-    previous = complete_checkpoints(final.parent.parent)
-    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-    return f"Could not save checkpoint {final}: {reason}. Nothing partial was kept; {kept}. Free space and resume."
+    output = final.parent.parent
+    return write_failure_message(f"checkpoint {final.name}", final, reason, newest_intact_description(output))
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int | None, in_use=None) -> list[Path]:
@@ -246,68 +268,3 @@ def load_checkpoint(accelerator, checkpoint: Path) -> None:
     depends on it, only dropout would.
     """
     accelerator.load_state(str(checkpoint))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The final model
-# ----------------------------------------------------------------------------------------------------------------
-def end_of_turn_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn under the chat template (eos, and e.g. ChatML's <|im_end|>), so that
-    generation stops where training taught the model to stop."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    marker = "\x1fend-of-answer\x1f"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                             tokenize=False)
-    except Exception:  # no template: eos is all there is
-        return ids
-    after = text[text.index(marker) + len(marker):] if marker in text else ""
-    special = sorted(tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values()
-                                                     if t.special], key=len, reverse=True)
-    first = next((token for token in special if after.startswith(token)), None)
-    if first is not None:
-        token_id = tokenizer.convert_tokens_to_ids(first)
-        if token_id not in ids:
-            ids.insert(0, token_id)
-    return ids
-
-
-def move_files_into(tmp: Path, output: Path) -> None:
-    """Move a complete temporary folder's files next to the run's logs, then remove it."""
-    for file in tmp.iterdir():
-        os.replace(file, output / file.name)
-    tmp.rmdir()
-
-
-def set_generation_stops(generation, tokenizer) -> None:
-    """Generation stops at the chat template's end of turn first, keeping the base model's own stops."""
-    existing = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    stop = list(dict.fromkeys(end_of_turn_token_ids(tokenizer) + [i for i in existing if i is not None]))
-    if stop:
-        generation.eos_token_id = stop if len(stop) > 1 else stop[0]
-    if generation.pad_token_id is None:
-        generation.pad_token_id = tokenizer.pad_token_id
-
-
-def save_final_model(accelerator, model, tokenizer, output_dir: str | Path, max_shard_size: str = "5GB") -> None:
-    """Write config, safetensors weights (gathered from ZeRO-3 shards), tokenizer and generation config.
-
-    Files are written to a temporary folder first and moved next to the run's logs only when complete.
-    """
-    from open_instruct.model_utils import ChunkedLossModel
-
-    output = Path(output_dir)
-    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank must call it
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if isinstance(unwrapped, ChunkedLossModel):  # save the Hugging Face model, not the training wrapper
-            unwrapped = unwrapped.lm
-            state_dict = {key.removeprefix("lm."): value for key, value in state_dict.items()}
-        unwrapped.config.use_cache = True  # gradient checkpointing turned it off for training only
-        set_generation_stops(unwrapped.generation_config, tokenizer)
-        tmp = output / ".final_model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        move_files_into(tmp, output)
-    accelerator.wait_for_everyone()

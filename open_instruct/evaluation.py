@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from open_instruct import synthetic
 from open_instruct.batching import collate
-from open_instruct.checkpointing import end_of_turn_token_ids
+from open_instruct.chat_templates import end_of_turn_token_ids
 from open_instruct.data import DataError, MixerItem, TokenizedMixture, jsonl_values, parse_mixer
 from open_instruct.loss import token_loss_sum
 from open_instruct.model_utils import ChunkedLossModel, pad_token_id

@@ -24,8 +24,10 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -38,18 +40,20 @@ from open_instruct.batching import BatchPlan, collate, split_global_batch
 from open_instruct.checkpointing import (
     CheckpointError,
     check_resumable,
+    checkpoint_bytes_estimate,
+    checkpoint_dir,
     checkpoint_to_resume,
     load_checkpoint,
     prune_checkpoints,
     remove_unfinished_saves,
     run_identity,
     save_checkpoint,
-    save_final_model,
 )
 from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
 from open_instruct.evaluation import check_eval_spec, eval_summary, prepare_evaluation
 from open_instruct.flops import FlopsModel, parameter_numel, peak_flops
-from open_instruct.lora import check_lora_setup, save_adapter, save_merged
+from open_instruct.final_model import check_room, save_final
+from open_instruct.lora import check_lora_setup, load_with_adapters
 from open_instruct.loss import scale_for_backward, token_loss_sum
 from open_instruct.metrics import MetricsLogger, RunCounters, peak_memory_gb
 from open_instruct.model_utils import (
@@ -57,18 +61,21 @@ from open_instruct.model_utils import (
     ModelSetupError,
     attention_implementation,
     packed_examples_stay_apart,
-    load_model,
     load_tokenizer,
     pad_token_id,
 )
 from open_instruct.optim import build_optimizer, build_scheduler
+from open_instruct.preemption import RunStopped, StopRequests, parse_duration
 from open_instruct.prepare_data import prepare
+from open_instruct.ranks import main_process_work
 from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
+from open_instruct.run_lock import RunLock, RunLockError
+from open_instruct.storage import StorageError
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError)
+USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError, StorageError, RunLockError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,12 +166,14 @@ def setup_logging(accelerator: Accelerator) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
-    """Check that the output directory can be written (before anything expensive), clear unfinished checkpoint
-    saves of a killed run, and record the run's config and environment."""
+def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> tuple[Path, RunLock | None]:
+    """Check that the output directory can be written (before anything expensive), take its lock (one run per
+    directory; global rank 0 holds it), clear unfinished checkpoint saves of a killed run, and record the run's
+    config and environment. Returns the directory and, on the main process, the lock to release at the end."""
     output = Path(args.output_dir)
     nodes = gather_object([node_name()])  # every rank takes part; the record shows which machines joined the run
-    if accelerator.is_main_process:
+
+    def take() -> RunLock:
         try:
             output.mkdir(parents=True, exist_ok=True)
             probe = output / ".write_probe"
@@ -172,11 +181,15 @@ def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
             probe.unlink()
         except OSError as error:
             raise CheckpointError(f"--output_dir {output} cannot be written ({error}); choose a writable directory.")
+        lock = RunLock(output).acquire()
         for stale in remove_unfinished_saves(output):
             logger.warning("Removed %s: a checkpoint save that never finished.", stale)
         write_run_record(output, args, accelerator.num_processes, nodes)
-    accelerator.wait_for_everyone()
-    return output
+        return lock
+
+    lock = main_process_work(accelerator, take, (CheckpointError, RunLockError),
+                             lambda: RunLockError(f"The main process could not take --output_dir {output}."))
+    return output, lock
 
 
 def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path) -> None:
@@ -320,17 +333,6 @@ def loss_chunks_per_micro_batch(accelerator: Accelerator, batches: list[dict], c
     return [max(1, math.ceil(count / chunk_size)) for count in most]
 
 
-def save_final(args: FinetuneArgs, accelerator: Accelerator, model, tokenizer, output: Path) -> None:
-    """The full model in Hugging Face format; with LoRA the adapter instead, and the merged model when asked."""
-    if not uses_lora(args):
-        save_final_model(accelerator, model, tokenizer, output)
-        return
-    save_adapter(accelerator, model, tokenizer, output)
-    if args.merge_lora_on_save and accelerator.is_main_process:
-        save_merged(args, tokenizer, output)
-    accelerator.wait_for_everyone()
-
-
 def parameter_count(model, trainable_only: bool = False) -> int:
     """Parameters of the model (whole, also when ZeRO-3 has partitioned them or bitsandbytes packed them)."""
     return sum(parameter_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -344,20 +346,88 @@ def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
     return every is not None and done % every == 0
 
 
+@dataclass
+class Checkpointer:
+    """Saves this run's training state (every --checkpointing_steps, and when the run is asked to stop), times the
+    saves for the wall-clock budget, uploads and prunes."""
+
+    args: FinetuneArgs
+    accelerator: Accelerator
+    output: Path
+    plan: BatchPlan
+    identity: dict
+    stops: StopRequests
+    uploader: hub.HubUploader | None
+    estimate: int  # bytes of a checkpoint before the first one exists
+    last_saved_step: int = 0  # the same on every rank: whether a stop needs a save must not differ between ranks
+
+    def save(self, steps_done: int, first_loss: float | None, counters: RunCounters) -> Path:
+        trainer_state = {"step": steps_done, "epoch": self.plan.epochs_done(steps_done - 1), "first_loss": first_loss,
+                         "counters": counters.state(), "identity": self.identity}
+        started = time.perf_counter()
+        saved = save_checkpoint(self.accelerator, self.output, steps_done, trainer_state, args_to_dict(self.args),
+                                estimate=self.estimate)
+        self.stops.note_save(time.perf_counter() - started)
+        self.last_saved_step = steps_done
+        if self.uploader and self.args.push_checkpoints:
+            self.uploader.upload_checkpoint(saved, steps_done)
+        if self.accelerator.is_main_process:  # a checkpoint still uploading is kept until a later prune
+            prune_checkpoints(self.output, self.args.keep_last_n_checkpoints,
+                              in_use=self.uploader.busy if self.uploader else None)
+        return saved
+
+
+def stop_run(reason: str, steps_done: int, total_steps: int, checkpointer: Checkpointer, first_loss: float | None,
+             counters: RunCounters) -> NoReturn:
+    """Save what the run needs to continue (unless a checkpoint of this step exists), then raise RunStopped on every
+    rank: the same command continues the run."""
+    if steps_done == 0:
+        saved = "nothing was trained yet, so nothing was saved"
+    elif checkpointer.last_saved_step == steps_done:
+        saved = f"checkpoint {checkpoint_dir(checkpointer.output, steps_done)}"
+    else:
+        saved = f"checkpoint {checkpointer.save(steps_done, first_loss, counters)}"
+    if checkpointer.uploader and (dropped := checkpointer.uploader.drop_queued()):
+        logger.warning("%d queued hub upload(s) were cancelled; their files stay on local disk.", dropped)
+    checkpointer.accelerator.end_training()
+    shut_down_process_group(checkpointer.accelerator)
+    raise RunStopped(f"{reason} at step {steps_done} of {total_steps}; {saved}; rerun the same command to continue.")
+
+
+def install_stop_requests(args: FinetuneArgs) -> StopRequests:
+    """Signals and the wall-clock budget (see open_instruct/preemption.py); only global rank 0 asks Slurm for the
+    job's end time, and the ranks agree on stopping anyway."""
+    names = [] if args.stop_signals == ["none"] else args.stop_signals
+    budget = parse_duration(args.max_wall_time) if args.max_wall_time else None
+    return StopRequests(names, budget, ask_slurm=os.environ.get("RANK", "0") == "0").install()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    configure_cuda_allocator()
-    resolve_mixture(args)  # fail fast on the mixture spec: nothing downloaded or loaded yet
-    check_eval_spec(args)
-    # Every process checks the login, so a bad token stops them all before any collective could hang.
-    repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
-    accelerator = build_accelerator(args)
-    check_lora_setup(args, deepspeed=accelerator.state.deepspeed_plugin is not None)
-    setup_logging(accelerator)
-    output = prepare_output_dir(args, accelerator)
+    stops = install_stop_requests(args)  # first: a signal during the set-up is kept for the first step boundary
+    lock = None
+    try:
+        configure_cuda_allocator()
+        resolve_mixture(args)  # fail fast on the mixture spec: nothing downloaded or loaded yet
+        check_eval_spec(args)
+        # Every process checks the login, so a bad token stops them all before any collective could hang.
+        repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
+        accelerator = build_accelerator(args)
+        check_lora_setup(args, deepspeed=accelerator.state.deepspeed_plugin is not None)
+        setup_logging(accelerator)
+        output, lock = prepare_output_dir(args, accelerator)
+        return train(args, accelerator, output, repo_id, stops)
+    finally:
+        if lock is not None:
+            lock.release()
+        stops.uninstall()
+
+
+def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: str | None,
+          stops: StopRequests) -> dict:
     # Uploads run in the background on the main process only (see hub.HubUploader); other ranks do nothing hub-related.
     uploader = hub.HubUploader(repo_id, hub.repo_revision(args)) if repo_id and accelerator.is_main_process else None
 
@@ -383,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     set_seed(args.seed)
     attn = attention_implementation(args.attn_implementation)
-    model = load_model(args, model_dtype(accelerator, args), attn)
+    model = load_with_adapters(args, model_dtype(accelerator, args), attn)
     if args.use_liger_kernel:
         model = ChunkedLossModel(model, args.loss_chunk_size)
     logger.info("Model %s: %.1fM parameters, attention %s, padding-free %s.", args.model_name_or_path,
@@ -399,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.padding_free and not packed_examples_stay_apart(model, accelerator.device, vocab_size):
         raise ModelSetupError(f"With attention {attn}, packed examples attend to each other in this model. Use "
                               "--attn_implementation sdpa or flash_attention_2, or --no_padding_free.")
+    check_room(accelerator, args, model, output)  # before training: the final model must fit on the disk
     init_tracking(accelerator, args, output)
 
     counters = RunCounters(accelerator.num_processes)
@@ -408,6 +479,9 @@ def main(argv: list[str] | None = None) -> dict:
         start_step, first_loss = resumed["step"], resumed["first_loss"]
         counters.restore(resumed["counters"])
         logger.info("Resumed %s: continuing at step %d of %d.", resume_from, start_step + 1, total_steps)
+    checkpointer = Checkpointer(args, accelerator, output, plan, identity, stops, uploader,
+                                estimate=checkpoint_bytes_estimate(model), last_saved_step=start_step)
+    stops.expect_checkpoint_bytes(checkpointer.estimate)
     metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step)
     pad_id = pad_token_id(tokenizer)
     if evaluator and start_step == 0:  # before training (a resumed run logged it already)
@@ -415,6 +489,9 @@ def main(argv: list[str] | None = None) -> dict:
     progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
     for step in range(start_step, total_steps):
+        if reason := stops.agreed_reason(accelerator):  # all ranks decide together, before the step
+            progress.close()
+            stop_run(reason, step, total_steps, checkpointer, first_loss, counters)
         learning_rate = scheduler.get_last_lr()[0]
         started = time.perf_counter()
         batches = micro_batches(mixture, plan, step, args, accelerator, pad_id)
@@ -434,18 +511,14 @@ def main(argv: list[str] | None = None) -> dict:
             metrics_log.log(step_record(step, plan, learning_rate, result, counters, telemetry), step=step + 1)
         if evaluator and evaluator.due(step + 1, total_steps):  # before the checkpoint, so a resume keeps it
             metrics_log.log(evaluator.run(model, step + 1, counters), step=step + 1)
+        stops.note_step(time.perf_counter() - started)
         if should_checkpoint(args, step, plan):
-            trainer_state = {"step": step + 1, "epoch": plan.epochs_done(step), "first_loss": first_loss,
-                             "counters": counters.state(), "identity": identity}
-            saved = save_checkpoint(accelerator, output, step + 1, trainer_state, args_to_dict(args))
-            if uploader and args.push_checkpoints:
-                uploader.upload_checkpoint(saved, step + 1)
-            if accelerator.is_main_process:  # a checkpoint still uploading is kept until a later prune
-                prune_checkpoints(output, args.keep_last_n_checkpoints, in_use=uploader.busy if uploader else None)
+            checkpointer.save(step + 1, first_loss, counters)
     progress.close()
 
     train_seconds, final_throughput, efficiency = counters.elapsed, counters.throughput(), counters.efficiency(peak)
     peak_memory = peak_memory_gb(accelerator)
+    check_room(accelerator, args, model, output)  # again: checkpoints and logs may have filled the disk since
     save_final(args, accelerator, model, tokenizer, output)
     summary = {
         "steps": total_steps,
@@ -496,12 +569,17 @@ def print_summary(summary: dict) -> None:
 
 
 def cli() -> None:
-    """Entry point: a user error (bad data, missing login, unusable tokenizer) prints one clear line, no traceback."""
+    """Entry point: a user error (bad data, missing login, unusable tokenizer, a full disk) prints one clear line, no
+    traceback, exit status 2; a run stopped by a signal or its time budget says how it stopped, exit status 75."""
     try:
         main()
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as stop:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+            print(str(stop), file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from open_instruct.data import DataError, MixerItem, resolve_mixture
 
 logger = logging.getLogger("open_instruct.hub")
 
-UPLOAD_IGNORE = ["checkpoints/**", ".final_model.tmp/**", ".adapter.tmp/**", ".merged.tmp/**", "wandb/**", "*.tmp"]
+UPLOAD_IGNORE = ["checkpoints/**", ".final_model.tmp/**", ".adapter.tmp/**", ".merged.tmp/**", "wandb/**", "*.tmp",
+                 "run.lock", "logs/**"]
 TRANSIENT_STATUSES = {408, 429}  # and every 5xx
 FINAL = "final model"
 
@@ -156,6 +157,14 @@ class HubUploader:
                 logger.error("%d of %d hub uploads failed (their files stay on local disk): %s", len(self._failed),
                              len(self._failed) + len(self._uploaded), summary_fields(self._report)["hub_upload_failed"])
         return self._report
+
+    def drop_queued(self) -> int:
+        """Cancel the uploads that have not started (a run stopping before a deadline cannot wait for them); one in
+        progress still finishes. Returns how many were cancelled; their files stay on local disk."""
+        with self._lock:
+            queued = sum(self._pending.values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return max(0, queued - 1)
 
     def _queue(self, what: str, folder: str | Path, path_in_repo: str | None) -> None:
         if self._report is not None:

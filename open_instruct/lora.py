@@ -3,8 +3,8 @@
     python -m open_instruct.finetune ... --use_lora --lora_rank 16 --lora_alpha 32 --merge_lora_on_save
     python -m open_instruct.finetune ... --use_qlora --lora_rank 16        # CUDA only
 
-The trainer calls `check_lora_setup` before any work (QLoRA's hardware and packages), `apply_lora` after loading the
-base, `adapter_learning_rates` through optim.build_optimizer (the adapters' own LR), and at the end `save_adapter`
+The trainer calls `check_lora_setup` before any work (QLoRA's hardware and packages), `load_with_adapters` to load the
+base and add the adapters, `adapter_learning_rates` through optim.build_optimizer (the adapters' own LR), and at the end `save_adapter`
 (and `save_merged` with --merge_lora_on_save) instead of the full-model save. Everything else (packing, the loss, ZeRO,
 checkpoints, evaluation) sees an ordinary module whose trainable parameters are the adapters.
 """
@@ -14,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from open_instruct.checkpointing import move_files_into, set_generation_stops
-from open_instruct.model_utils import ModelSetupError
+from open_instruct.args import uses_lora
+from open_instruct.chat_templates import set_generation_stops
+from open_instruct.checkpointing import newest_intact_description
+from open_instruct.model_utils import ModelSetupError, load_model
+from open_instruct.ranks import main_process_work
+from open_instruct.storage import StorageError, failed_write, move_files_into, remove, replace_folder
 
 logger = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"  # peft: every nn.Linear of the model except the output layer
@@ -70,6 +72,12 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct short names of the model's linear layers (what --lora_target_modules may name)."""
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear)})
+
+
+def load_with_adapters(args, dtype: torch.dtype, attn_implementation: str):
+    """The base model (in 4 bits on this process's GPU for QLoRA), with LoRA adapters when --use_lora asks."""
+    model = load_model(args, dtype, attn_implementation, quantization=quantization_config(args))
+    return apply_lora(model, args) if uses_lora(args) else model
 
 
 def apply_lora(model, args):
@@ -128,18 +136,22 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
 
 def save_adapter(accelerator, model, tokenizer, output_dir: str | Path) -> None:
     """adapter_config.json + adapter_model.safetensors + the tokenizer in output_dir, written to a temporary folder
-    first and moved in only when complete (as the full-model save)."""
+    first and moved in only when complete (as the full-model save). A failed write is a StorageError on every rank."""
     state_dict = trainable_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        output = Path(output_dir)
+    output = Path(output_dir)
+
+    def write() -> None:
         tmp = output / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_model_of(accelerator, model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
-                                                          save_embedding_layers=False)
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's blank card; the hub upload writes the real one
-        tokenizer.save_pretrained(tmp)
-        move_files_into(tmp, output)
-    accelerator.wait_for_everyone()
+        remove(tmp)
+        with failed_write("the LoRA adapter", output, lambda: newest_intact_description(output), cleanup=tmp):
+            peft_model_of(accelerator, model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+                                                              save_embedding_layers=False)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's blank card; the hub upload writes the real one
+            tokenizer.save_pretrained(tmp)
+            move_files_into(tmp, output)
+
+    main_process_work(accelerator, write, (StorageError,),
+                      lambda: StorageError(f"The main process could not write the LoRA adapter to {output}."))
 
 
 def save_merged(args, tokenizer, output_dir: str | Path) -> Path:
@@ -155,10 +167,10 @@ def save_merged(args, tokenizer, output_dir: str | Path) -> Path:
     merged.config.use_cache = True
     set_generation_stops(merged.generation_config, tokenizer)
     final, tmp = output / MERGED_DIR, output / f".{MERGED_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    remove(tmp)
+    with failed_write("the merged model", final, f"the adapter in {output} is complete", cleanup=tmp):
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)
+        replace_folder(tmp, final)
     logger.info("Merged model: %s", final)
     return final

@@ -81,13 +81,9 @@ def packed_examples_stay_apart(model, device, vocab_size: int) -> bool:
     return bool((together - separate).abs().max() <= tolerance * max(1.0, separate.abs().max().item()))
 
 
-def load_model(args, dtype: torch.dtype, attn_implementation: str):
-    """The base model, with Liger's kernels and gradient checkpointing as asked, and LoRA adapters with --use_lora
-    (open_instruct/lora.py; QLoRA loads the weights in 4 bits onto this process's GPU)."""
-    from open_instruct.args import uses_lora
-    from open_instruct.lora import apply_lora, quantization_config
-
-    quantization = quantization_config(args)
+def load_model(args, dtype: torch.dtype, attn_implementation: str, quantization=None):
+    """The base model, with Liger's kernels and gradient checkpointing as asked; `quantization` (QLoRA's 4-bit config)
+    loads the weights onto this process's GPU. LoRA adapters come on top: open_instruct/lora.load_with_adapters."""
     placement = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path, revision=args.model_revision, dtype=dtype, attn_implementation=attn_implementation,
@@ -103,7 +99,7 @@ def load_model(args, dtype: torch.dtype, attn_implementation: str):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return apply_lora(model, args) if uses_lora(args) else model
+    return model
 
 
 def apply_liger_kernel(model) -> bool:

@@ -7,6 +7,7 @@ FAULT:
     kill_after_save   SIGKILL right after checkpoint FAULT_STEP is complete (the process dies mid-run).
     kill_during_save  SIGKILL after every rank wrote its part of checkpoint FAULT_STEP, before it is marked complete.
     disk_full         the write of checkpoint FAULT_STEP fails with ENOSPC (No space left on device).
+    slow_steps        every optimizer step takes FAULT_SECONDS longer, so a test can signal a run mid-way.
 Nothing here is imported by the trainer: the faults patch it from outside.
 """
 
@@ -15,12 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 from accelerate import Accelerator
 
 import open_instruct.finetune as finetune
 
-FAULT, STEP = os.environ["FAULT"], int(os.environ["FAULT_STEP"])
+FAULT, STEP = os.environ["FAULT"], int(os.environ.get("FAULT_STEP", "0"))
 
 
 def die() -> None:
@@ -28,16 +30,26 @@ def die() -> None:
 
 
 def inject() -> None:
-    if FAULT == "kill_after_save":
-        save = finetune.save_checkpoint
+    if FAULT == "slow_steps":
+        train_step, seconds = finetune.train_step, float(os.environ["FAULT_SECONDS"])
 
-        def save_then_die(accelerator, output_dir, step, *args, **kwargs):
-            path = save(accelerator, output_dir, step, *args, **kwargs)
-            if step == STEP:
+        def slow_train_step(*args, **kwargs):
+            result = train_step(*args, **kwargs)
+            time.sleep(seconds)
+            return result
+
+        finetune.train_step = slow_train_step
+        return
+    if FAULT == "kill_after_save":
+        save = finetune.Checkpointer.save
+
+        def save_then_die(self, steps_done, *args, **kwargs):
+            path = save(self, steps_done, *args, **kwargs)
+            if steps_done == STEP:
                 die()
             return path
 
-        finetune.save_checkpoint = save_then_die
+        finetune.Checkpointer.save = save_then_die
         return
     save_state = Accelerator.save_state
 

@@ -18,8 +18,8 @@ from conftest import accelerate_launch, finetune, read_metrics
 from open_instruct.args import parse_args, uses_lora
 from open_instruct.checkpointing import resume_problems, run_identity
 from open_instruct.flops import FlopsModel
-from open_instruct.lora import check_lora_setup
-from open_instruct.model_utils import ModelSetupError, load_model
+from open_instruct.lora import check_lora_setup, load_with_adapters
+from open_instruct.model_utils import ModelSetupError
 from open_instruct.optim import build_optimizer
 
 BASE = ["--model_name_or_path", "m", "--dataset_mixer_list", "synthetic:spelling", "1.0"]
@@ -34,7 +34,7 @@ def tiny_lora(tiny_model_dir, *flags, seed: int = 0):
     args = parse_args(["--model_name_or_path", str(tiny_model_dir), "--dataset_mixer_list", "synthetic:spelling",
                        "1.0", "--use_lora", "--lora_rank", "8", *flags])
     torch.manual_seed(seed)  # lora_A's initialisation
-    return load_model(args, torch.float32, "packed_sdpa"), args  # the attention the trainer packs with
+    return load_with_adapters(args, torch.float32, "packed_sdpa"), args  # the attention the trainer packs with
 
 
 # ----------------------------------------------------------------------------------------------------------------
