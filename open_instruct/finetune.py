@@ -46,9 +46,10 @@ from open_instruct.checkpointing import (
     save_checkpoint,
     save_final_model,
 )
-from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
-from open_instruct.evaluation import check_eval_spec, eval_summary, prepare_evaluation
+from open_instruct.data import DataError, TokenizedMixture
+from open_instruct.evaluation import eval_summary, prepare_evaluation
 from open_instruct.flops import FlopsModel, parameter_numel, peak_flops
+from open_instruct.launch import LaunchError, read_deepspeed_config
 from open_instruct.lora import check_lora_setup, save_adapter, save_merged
 from open_instruct.loss import scale_for_backward, token_loss_sum
 from open_instruct.metrics import MetricsLogger, RunCounters, peak_memory_gb
@@ -65,10 +66,11 @@ from open_instruct.optim import build_optimizer, build_scheduler
 from open_instruct.prepare_data import prepare
 from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
+from open_instruct.source_checks import check_run_sources
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError)
+USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError, LaunchError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +104,16 @@ def skip_deepspeed_cpu_inference_comm() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
+def check_deepspeed_config_file() -> None:
+    """`accelerate launch --use_deepspeed --deepspeed_config_file X` hands X to each worker, whose Accelerator() would
+    fail on a missing or broken file with a traceback; check it first and name it."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")  # read as accelerate reads them
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and path != "none":
+        read_deepspeed_config(path)
+
+
 def build_accelerator(args: FinetuneArgs) -> Accelerator:
+    check_deepspeed_config_file()
     handlers = [InitProcessGroupKwargs(timeout=timedelta(hours=2))]
     if not torch.cuda.is_available():
         skip_deepspeed_cpu_inference_comm()
@@ -160,10 +171,9 @@ def setup_logging(accelerator: Accelerator) -> None:
 
 
 def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
-    """Check that the output directory can be written (before anything expensive), clear unfinished checkpoint
-    saves of a killed run, and record the run's config and environment."""
+    """Check that the output directory can be written (before anything expensive) and clear unfinished checkpoint
+    saves of a killed run."""
     output = Path(args.output_dir)
-    nodes = gather_object([node_name()])  # every rank takes part; the record shows which machines joined the run
     if accelerator.is_main_process:
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -174,9 +184,16 @@ def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> Path:
             raise CheckpointError(f"--output_dir {output} cannot be written ({error}); choose a writable directory.")
         for stale in remove_unfinished_saves(output):
             logger.warning("Removed %s: a checkpoint save that never finished.", stale)
-        write_run_record(output, args, accelerator.num_processes, nodes)
     accelerator.wait_for_everyone()
     return output
+
+
+def record_run(args: FinetuneArgs, accelerator: Accelerator, output: Path) -> None:
+    """run_config.yaml and environment.json, written once training is about to start (a resumed run rewrites them),
+    so that a run that failed while setting up leaves nothing that looks like a run."""
+    nodes = gather_object([node_name()])  # every rank takes part; the record shows which machines joined the run
+    if accelerator.is_main_process:
+        write_run_record(output, args, accelerator.num_processes, nodes)
 
 
 def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path) -> None:
@@ -350,8 +367,7 @@ def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_cuda_allocator()
-    resolve_mixture(args)  # fail fast on the mixture spec: nothing downloaded or loaded yet
-    check_eval_spec(args)
+    check_run_sources(args)  # fail fast on the data, the model and hub repos: nothing downloaded or loaded yet
     # Every process checks the login, so a bad token stops them all before any collective could hang.
     repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
     accelerator = build_accelerator(args)
@@ -408,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         start_step, first_loss = resumed["step"], resumed["first_loss"]
         counters.restore(resumed["counters"])
         logger.info("Resumed %s: continuing at step %d of %d.", resume_from, start_step + 1, total_steps)
+    record_run(args, accelerator, output)
     metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step)
     pad_id = pad_token_id(tokenizer)
     if evaluator and start_step == 0:  # before training (a resumed run logged it already)
