@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import subprocess
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Literal
 
 from open_instruct.launch import (
-    Layout, LaunchError, LaunchSpec, ShellVar, node_command, parse_env_assignments, parse_launch_command, shell_join,
+    Layout, LaunchError, LaunchSpec, ShellVar, node_command, parse_env_assignments, parse_launch_command,
+    read_deepspeed_config, shell_join,
 )
 
 
@@ -154,7 +154,7 @@ def print_plan(spec: LaunchSpec, layout: Layout, trainer_args, warnings: list[st
         print(f"warning: {warning}")
 
 
-def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args) -> None:
+def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None) -> None:
     """Print the per-GPU memory plan; refuse a job that clearly can't fit unless --force."""
     from open_instruct.memory_plan import count_parameters, load_model_config, plan_memory
 
@@ -170,13 +170,7 @@ def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args
     except Exception as exc:  # e.g. an architecture that needs remote code: the plan is advice, not a gate
         print(f"memory plan: skipped (cannot build {config.model_type} on the meta device: {type(exc).__name__})")
         return
-    ds_config = None
-    if spec.use_deepspeed and spec.deepspeed_config_file:
-        try:
-            ds_config = json.loads(Path(spec.deepspeed_config_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LaunchError(f"--deepspeed_config_file {spec.deepspeed_config_file}: {exc}") from None
-    plan = plan_memory(trainer_args, config, num_params, layout.world_size, ds_config,
+    plan = plan_memory(trainer_args, config, num_params, layout.world_size, ds_config if spec.use_deepspeed else None,
                        mixed_precision=spec.mixed_precision or "no", gpus_per_node=layout.processes_per_node)
     print("memory plan per GPU (an estimate):\n" + plan.format(args.gpu_memory_gb))
     if not plan.fits(args.gpu_memory_gb):
@@ -249,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         mason_tokens, command = split_command(argv)
         args = parse_mason_args(mason_tokens)
         spec = parse_launch_command(command)
+        # Checked for every layout (the memory plan reads it only for GPUs): each worker would fail on it.
+        ds_config = read_deepspeed_config(spec.deepspeed_config_file) if spec.deepspeed_config_file else None
         trainer_args = parse_trainer_flags(spec.script_args)
         env = parse_env_assignments(args.env)
         warnings = check_secrets(args.secret, launching=args.backend != "print" and not args.dry_run)
@@ -256,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         check_qlora_layout(trainer_args, spec.use_deepspeed, args.gpus_per_node)
         warnings += check_sources(trainer_args, ask_hub=not args.skip_hub_checks)
         print_plan(spec, layout, trainer_args, warnings)
-        check_memory(args, spec, layout, trainer_args)
+        check_memory(args, spec, layout, trainer_args, ds_config)
         if args.prepare_data and not args.dry_run:
             run_prepare_data(spec)
         if args.backend == "print":

@@ -8,15 +8,19 @@ flags override the file. Unknown flags, unknown YAML keys and prefix abbreviatio
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser
+
+from open_instruct.chat_templates import unknown_template_error
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "wsd")
 TRACKERS = ("wandb",)
@@ -77,7 +81,8 @@ class FinetuneArgs:
     )
     add_bos: bool = _field(False, "Prepend the tokenizer's bos token to each example (when the template does not).")
     skip_bad_rows: bool = _field(
-        False, "Skip malformed rows (counted and reported per source) instead of stopping at the first one."
+        False, "Skip malformed rows, and JSONL lines that are not UTF-8 or not JSON (counted and reported per "
+        "source), instead of stopping at the first one."
     )
     max_unmaskable_fraction: float = _field(
         0.01, "Stop if more than this fraction of a source's rows have assistant spans that cannot be derived."
@@ -360,6 +365,9 @@ def validate(args: FinetuneArgs) -> None:
     errors += _stop_errors(args)
     if args.force_resume and args.resume_from_checkpoint == "none":
         errors.append("--force_resume has no effect with --resume_from_checkpoint none.")
+    template_error = unknown_template_error(args.chat_template_name) if args.chat_template_name else None
+    if template_error:  # checked here, not when the tokenizer loads
+        errors.append(template_error)
     if args.report_to not in TRACKERS:
         errors.append(f"--report_to {args.report_to!r} is not supported; use one of {', '.join(TRACKERS)}.")
     # Flags that would be accepted and then ignored are errors: say which setting makes them do nothing.
@@ -535,8 +543,8 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(FinetuneArgs, allow_abbrev=False)
+def build_parser(exit_on_error: bool = True) -> HfArgumentParser:
+    parser = HfArgumentParser(FinetuneArgs, allow_abbrev=False, exit_on_error=exit_on_error)
     parser.prog = "python -m open_instruct.finetune"
     return parser
 
@@ -556,6 +564,21 @@ def _yaml_to_argv(values: dict) -> list[str]:
     return tokens
 
 
+def _check_yaml_types(path: str, values: dict) -> None:
+    """Parse each YAML value on its own, so that a wrong type names the file and the key (once merged with the
+    command line, argparse could only name the flag)."""
+    parser = build_parser(exit_on_error=False)
+    hints = typing.get_type_hints(FinetuneArgs)
+    for key, value in values.items():
+        takes_list = typing.get_origin(hints[key]) is list
+        if isinstance(value, dict) or (isinstance(value, list) and not takes_list):
+            raise ArgumentError(f"Config file {path}: {key}: expected a single value, got {value!r}.")
+        try:
+            parser.parse_known_args(_yaml_to_argv({key: value}))
+        except argparse.ArgumentError as exc:
+            raise ArgumentError(f"Config file {path}: {key}: {exc.message}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> FinetuneArgs:
     """Parse the command line (and an optional YAML file) into FinetuneArgs; exits with a message on a bad flag."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -563,9 +586,11 @@ def parse_args(argv: list[str] | None = None) -> FinetuneArgs:
     parser = build_parser()
     if config_path:
         try:
-            argv = _yaml_to_argv(_load_yaml(config_path)) + argv  # later (command-line) flags win
-        except ArgumentError as exc:
-            parser.error(str(exc))
+            values = _load_yaml(config_path)
+            _check_yaml_types(config_path, values)
+        except ArgumentError as exc:  # one line: the usage lists the flags, which says nothing about the file
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        argv = _yaml_to_argv(values) + argv  # later (command-line) flags win
     try:
         args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ArgumentError as exc:

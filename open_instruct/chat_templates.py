@@ -117,12 +117,18 @@ CHAT_TEMPLATES: dict[str, str] = {
 }
 
 
+def unknown_template_error(name: str) -> str | None:
+    """The message for a --chat_template_name that names no template here; None for a known one."""
+    if name in CHAT_TEMPLATES:
+        return None
+    return (f"--chat_template_name {name!r} is not a known template; choose one of "
+            f"{', '.join(sorted(CHAT_TEMPLATES))}, or leave it unset to use the tokenizer's own template.")
+
+
 def get_chat_template(name: str) -> str:
-    if name not in CHAT_TEMPLATES:
-        raise ValueError(
-            f"Unknown --chat_template_name {name!r}; choose one of {', '.join(sorted(CHAT_TEMPLATES))}, "
-            "or leave it unset to use the tokenizer's own template."
-        )
+    error = unknown_template_error(name)
+    if error:
+        raise ValueError(error)
     return CHAT_TEMPLATES[name]
 
 

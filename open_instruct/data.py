@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,23 +227,54 @@ def local_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
 
 
-def jsonl_values(path: Path):
-    """(file:line, the line, its parsed value) for each non-blank line of a JSONL file; invalid JSON is a DataError
-    naming the file and line."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+class _UnreadableLine(ValueError):
+    """A JSONL line that is not UTF-8 or not JSON; `kind` is what --skip_bad_rows counts it as."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def jsonl_values(path: Path, skipped: Counter | None = None):
+    """(file:line, the line, its parsed value) for each non-blank line of a JSONL file. A line that is not UTF-8 or
+    not JSON is a DataError naming the file and line; given a `skipped` Counter, it is counted there by kind
+    (not_utf8, invalid_json) and left out instead."""
+    with path.open("rb") as handle:  # bytes: a bad byte is reported (or skipped) with its own line
+        for number, raw in enumerate(handle, start=1):
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}). Fix or remove the line.") from None
-            yield f"{path}:{number}", line, value
+                parsed = _parse_jsonl_line(raw)
+            except _UnreadableLine as bad:
+                if skipped is None:
+                    raise DataError(f"{path}:{number}: {bad}. Fix or remove the line.") from None
+                skipped[bad.kind] += 1
+                continue
+            if parsed is not None:
+                yield f"{path}:{number}", *parsed
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[str]]:
+def _parse_jsonl_line(raw: bytes) -> tuple[str, object] | None:
+    """(the text, its value) of one JSONL line; None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _UnreadableLine("not_utf8", _not_utf8_reason(raw, exc)) from None
+    if not line.strip():
+        return None
+    try:
+        return line, json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _UnreadableLine("invalid_json", f"invalid JSON ({exc.msg})") from None
+
+
+def _not_utf8_reason(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Why bytes that failed to decode are not UTF-8: the first bad byte and its column in its line."""
+    column = exc.start - data.rfind(b"\n", 0, exc.start)
+    return f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}: {exc.reason})"
+
+
+def _read_jsonl(path: Path, skipped: Counter | None = None) -> tuple[list[str], list[str]]:
     rows, where = [], []
-    for place, line, value in jsonl_values(path):
+    for place, line, value in jsonl_values(path, skipped):
         if not isinstance(value, dict):
             raise DataError(f"{place}: each line must be a JSON object, got {type(value).__name__}.")
         rows.append(line)
@@ -251,8 +283,12 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[str]]:
 
 
 def _read_json(path: Path) -> tuple[list[str], list[str]]:
+    data = path.read_bytes()
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: {_not_utf8_reason(data, exc)}. Fix or remove the line.") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
     if isinstance(value, dict):
@@ -267,8 +303,9 @@ def _read_json(path: Path) -> tuple[list[str], list[str]]:
 class Source:
     """A loaded source: an Arrow dataset of rows and, per row, where it came from (for error messages)."""
 
-    def __init__(self, item: MixerItem, dataset, locations: list[str] | None):
+    def __init__(self, item: MixerItem, dataset, locations: list[str] | None, skipped: Counter | None = None):
         self.item, self.dataset, self._locations = item, dataset, locations
+        self.skipped = skipped or Counter()  # lines left out while reading (--skip_bad_rows), by kind
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -280,16 +317,16 @@ class Source:
         return decode_row(self.dataset[0])
 
 
-def load_source(item: MixerItem) -> Source:
-    """Load a source's rows (hub datasets through the datasets library, which caches downloads)."""
+def load_source(item: MixerItem, skip_bad_rows: bool = False) -> Source:
+    """Load a source's rows (hub datasets through the datasets library, which caches downloads). With
+    `skip_bad_rows`, JSONL lines that cannot be read are counted and left out instead of stopping the run."""
     import datasets
 
     if item.kind == "synthetic":
         rows = synthetic.load_task(item.name[len(SYNTHETIC_PREFIX):], item.split)
         return Source(item, datasets.Dataset.from_dict({JSON_COLUMN: [json.dumps(r) for r in rows]}), None)
     if item.kind == "hub":
-        repo, _, revision = item.name.partition("@")
-        return Source(item, datasets.load_dataset(repo, revision=revision or None, split=item.split), None)
+        return Source(item, _load_hub_dataset(item), None)
     if item.split != "train":
         raise DataError(f"Local source {item.name} has only the split 'train', not {item.split!r}.")
     files = local_files(Path(item.name))
@@ -297,12 +334,25 @@ def load_source(item: MixerItem) -> Source:
         if not all(f.suffix == ".parquet" for f in files):
             raise DataError(f"Folder {item.name} mixes parquet and JSON files; keep one kind per source.")
         return Source(item, datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train"), None)
-    rows, where = [], []
+    rows, where, skipped = [], [], Counter() if skip_bad_rows else None
     for file in files:
-        file_rows, file_where = _read_jsonl(file) if file.suffix == ".jsonl" else _read_json(file)
+        file_rows, file_where = _read_jsonl(file, skipped) if file.suffix == ".jsonl" else _read_json(file)
         rows += file_rows
         where += file_where
-    return Source(item, datasets.Dataset.from_dict({JSON_COLUMN: rows}), where)
+    return Source(item, datasets.Dataset.from_dict({JSON_COLUMN: rows}), where, skipped)
+
+
+def _load_hub_dataset(item: MixerItem):
+    import datasets
+
+    repo, _, revision = item.name.partition("@")
+    try:
+        return datasets.load_dataset(repo, revision=revision or None, split=item.split)
+    except OSError as exc:  # datasets' ConnectionError and DatasetNotFoundError, the hub client's errors
+        from open_instruct.hub import error_reason  # hub imports this module
+
+        reason = error_reason(exc)
+        raise DataError(f"dataset {item.name}: cannot load it from the Hugging Face Hub ({reason}).") from None
 
 
 def decode_row(row: dict) -> dict:
@@ -414,6 +464,7 @@ def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: Enc
             stats.truncated[str(status)] = int(count)
         elif status not in KEPT_STATUSES:
             stats.dropped[str(status)] = int(count)
+    stats.dropped.update(source.skipped)  # counted over the whole source: they never reach the sampling
     kept = np.flatnonzero(np.isin(statuses, KEPT_STATUSES))
     stats.kept_rows = len(kept)
     stats.tokens = int(_column(encoded, "num_tokens").sum())
@@ -451,7 +502,7 @@ def build_mixture(items: list[MixerItem], tokenizer, options: EncodeOptions, see
     num_proc = num_proc or os.cpu_count() or 1
     parts, all_stats = [], []
     for item in items:
-        source = load_source(item)
+        source = load_source(item, skip_bad_rows)
         if len(source) == 0:
             raise DataError(f"{item.label} is empty.")
         indices = sample_indices(len(source), item, rng)

@@ -49,10 +49,11 @@ from open_instruct.checkpointing import (
     run_identity,
     save_checkpoint,
 )
-from open_instruct.data import DataError, TokenizedMixture, resolve_mixture
-from open_instruct.evaluation import check_eval_spec, eval_summary, prepare_evaluation
+from open_instruct.data import DataError, TokenizedMixture
+from open_instruct.evaluation import eval_summary, prepare_evaluation
 from open_instruct.flops import FlopsModel, parameter_numel, peak_flops
 from open_instruct.final_model import check_room, save_final
+from open_instruct.launch import LaunchError, read_deepspeed_config
 from open_instruct.lora import check_lora_setup, load_with_adapters
 from open_instruct.loss import scale_for_backward, token_loss_sum
 from open_instruct.metrics import MetricsLogger, RunCounters, peak_memory_gb
@@ -71,11 +72,12 @@ from open_instruct.ranks import main_process_work
 from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
 from open_instruct.run_lock import RunLock, RunLockError
+from open_instruct.source_checks import check_run_sources
 from open_instruct.storage import StorageError
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError, StorageError, RunLockError)
+USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError, LaunchError, StorageError, RunLockError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,7 +111,16 @@ def skip_deepspeed_cpu_inference_comm() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
+def check_deepspeed_config_file() -> None:
+    """`accelerate launch --use_deepspeed --deepspeed_config_file X` hands X to each worker, whose Accelerator() would
+    fail on a missing or broken file with a traceback; check it first and name it."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")  # read as accelerate reads them
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and path != "none":
+        read_deepspeed_config(path)
+
+
 def build_accelerator(args: FinetuneArgs) -> Accelerator:
+    check_deepspeed_config_file()
     handlers = [InitProcessGroupKwargs(timeout=timedelta(hours=2))]
     if not torch.cuda.is_available():
         skip_deepspeed_cpu_inference_comm()
@@ -168,10 +179,9 @@ def setup_logging(accelerator: Accelerator) -> None:
 
 def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> tuple[Path, RunLock | None]:
     """Check that the output directory can be written (before anything expensive), take its lock (one run per
-    directory; global rank 0 holds it), clear unfinished checkpoint saves of a killed run, and record the run's
-    config and environment. Returns the directory and, on the main process, the lock to release at the end."""
+    directory; global rank 0 holds it) and clear unfinished checkpoint saves of a killed run. Returns the directory
+    and, on the main process, the lock to release at the end."""
     output = Path(args.output_dir)
-    nodes = gather_object([node_name()])  # every rank takes part; the record shows which machines joined the run
 
     def take() -> RunLock:
         try:
@@ -184,12 +194,20 @@ def prepare_output_dir(args: FinetuneArgs, accelerator: Accelerator) -> tuple[Pa
         lock = RunLock(output).acquire()
         for stale in remove_unfinished_saves(output):
             logger.warning("Removed %s: a checkpoint save that never finished.", stale)
-        write_run_record(output, args, accelerator.num_processes, nodes)
         return lock
 
     lock = main_process_work(accelerator, take, (CheckpointError, RunLockError),
                              lambda: RunLockError(f"The main process could not take --output_dir {output}."))
     return output, lock
+
+
+def record_run(args: FinetuneArgs, accelerator: Accelerator, output: Path, stats: list[dict]) -> None:
+    """run_config.yaml, environment.json and dataset_stats.json, written once training is about to start (a resumed
+    run rewrites them), so that a run that failed while setting up leaves nothing that looks like a run."""
+    nodes = gather_object([node_name()])  # every rank takes part; the record shows which machines joined the run
+    if accelerator.is_main_process:
+        write_run_record(output, args, accelerator.num_processes, nodes)
+        (output / "dataset_stats.json").write_text(json.dumps(stats, indent=2))
 
 
 def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path) -> None:
@@ -411,8 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     lock = None
     try:
         configure_cuda_allocator()
-        resolve_mixture(args)  # fail fast on the mixture spec: nothing downloaded or loaded yet
-        check_eval_spec(args)
+        check_run_sources(args)  # fail fast on the data, the model and hub repos: nothing downloaded or loaded yet
         # Every process checks the login, so a bad token stops them all before any collective could hang.
         repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
         accelerator = build_accelerator(args)
@@ -447,9 +464,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
                             zero_stage(accelerator))
     resume_from = checkpoint_to_resume(args.resume_from_checkpoint, output)
     resumed = check_resumable(resume_from, identity, args.force_resume) if resume_from else None
-    if accelerator.is_main_process:
-        stats = [vars(s) for s in mixture.stats]
-        (output / "dataset_stats.json").write_text(json.dumps(stats, indent=2))
+    stats = [vars(s) for s in mixture.stats]
 
     set_seed(args.seed)
     attn = attention_implementation(args.attn_implementation)
@@ -482,6 +497,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
     checkpointer = Checkpointer(args, accelerator, output, plan, identity, stops, uploader,
                                 estimate=checkpoint_bytes_estimate(model), last_saved_step=start_step)
     stops.expect_checkpoint_bytes(checkpointer.estimate)
+    record_run(args, accelerator, output, stats)
     metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step)
     pad_id = pad_token_id(tokenizer)
     if evaluator and start_step == 0:  # before training (a resumed run logged it already)

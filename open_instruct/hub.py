@@ -23,6 +23,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from open_instruct.args import describe_fine_tune, describe_global_batch, uses_lora
 from open_instruct.data import DataError, MixerItem, resolve_mixture
@@ -97,7 +98,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSPORT_ERRORS)
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     """One line naming the error (and the HTTP status); the token is masked should a message ever contain it."""
     status = _status(exc)
     lines = str(exc).strip().splitlines()
@@ -183,7 +184,7 @@ class HubUploader:
             self._uploaded.append(what)
             logger.info("Uploaded %s to %s", what, self.url)
         except Exception as exc:  # reported by finish(); a failed upload must not stop training
-            self._failed[what] = str(exc) if isinstance(exc, UploadFailed) else _reason(exc)
+            self._failed[what] = str(exc) if isinstance(exc, UploadFailed) else error_reason(exc)
             logger.error("Hub upload of %s failed: %s. The files stay in %s.", what, exc, local)
         finally:
             with self._lock:
@@ -205,11 +206,11 @@ class HubUploader:
                 return
             except Exception as exc:
                 if not is_transient(exc):
-                    raise UploadFailed(_reason(exc)) from None
+                    raise UploadFailed(error_reason(exc)) from None
                 if attempt == self._attempts:
-                    raise UploadFailed(f"{_reason(exc)} (gave up after {attempt} attempts)") from None
+                    raise UploadFailed(f"{error_reason(exc)} (gave up after {attempt} attempts)") from None
                 delay = self._base_delay * 2 ** (attempt - 1)
-                logger.warning("Hub upload of %s: %s; attempt %d of %d in %.3g s.", what, _reason(exc),
+                logger.warning("Hub upload of %s: %s; attempt %d of %d in %.3g s.", what, error_reason(exc),
                                attempt + 1, self._attempts, delay)
                 time.sleep(delay)
 
@@ -225,8 +226,15 @@ def summary_fields(report: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # The model card
 # ----------------------------------------------------------------------------------------------------------------
-def _looks_like_hub_id(name: str) -> bool:
-    return not Path(name).exists() and not name.startswith((".", "/", "~")) and name.count("/") <= 1
+def looks_like_hub_id(name: str) -> bool:
+    """A name that is no local path and has the shape of a hub repo id (name or org/name)."""
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _mixture_items(args) -> list[MixerItem]:
@@ -320,7 +328,7 @@ def write_model_card(output_dir: str | Path, args, summary: dict, stats: list[di
     hub_datasets = list(dict.fromkeys(item.name.split("@", 1)[0] for item in items if item.kind == "hub"))
     lora = uses_lora(args)
     data = ModelCardData(
-        base_model=base if _looks_like_hub_id(base) else None,
+        base_model=base if looks_like_hub_id(base) else None,
         library_name="peft" if lora else "transformers",
         tags=["open-instruct", "sft", *(["lora"] if lora else []), *(["qlora"] if args.use_qlora else [])],
         datasets=hub_datasets or None,

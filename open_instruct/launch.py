@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import shlex
 import shutil
 import sys
@@ -127,6 +128,26 @@ def parse_launch_command(argv: list[str]) -> LaunchSpec:
                       script_args=list(namespace.training_script_args), use_deepspeed=bool(namespace.use_deepspeed),
                       deepspeed_config_file=namespace.deepspeed_config_file,
                       mixed_precision=namespace.mixed_precision, multi_gpu=bool(namespace.multi_gpu))
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The DeepSpeed config file as a dict; a missing file or one that is not a JSON object is a LaunchError naming
+    it (accelerate would fail inside every worker, with a traceback)."""
+    file = Path(path)
+    if not file.is_file():
+        raise LaunchError(f"--deepspeed_config_file {path}: no such file (relative paths start from {Path.cwd()}). "
+                          "configs/ds_configs/ has working ones.")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LaunchError(f"--deepspeed_config_file {path}:{exc.lineno}: not valid JSON ({exc.msg}). Fix the file; "
+                          "configs/ds_configs/ has working ones.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LaunchError(f"--deepspeed_config_file {path} cannot be read ({exc}).") from None
+    if not isinstance(config, dict):
+        raise LaunchError(f"--deepspeed_config_file {path} must hold a JSON object (a mapping of DeepSpeed settings), "
+                          f"not a {type(config).__name__}.")
+    return config
 
 
 def node_command(spec: LaunchSpec, layout: Layout, machine_rank: int | ShellVar,

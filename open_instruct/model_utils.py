@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from open_instruct import attention  # registers packed_sdpa with transformers
 from open_instruct.chat_templates import get_chat_template
+from open_instruct.hub import error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +24,9 @@ def load_tokenizer(args):
     """The tokenizer with the chat template the run will train with; fails early if there is none."""
     name = args.tokenizer_name_or_path or args.model_name_or_path
     revision = args.tokenizer_revision if args.tokenizer_name_or_path else args.model_revision
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--model_name_or_path"
+    with loading(flag, name, "the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     if args.chat_template_name:
         tokenizer.chat_template = get_chat_template(args.chat_template_name)
     elif not tokenizer.chat_template:
@@ -32,6 +36,16 @@ def load_tokenizer(args):
     if tokenizer.eos_token_id is None:
         raise ModelSetupError(f"The tokenizer of {name} has no eos token; the end of an assistant turn cannot be trained.")
     return tokenizer
+
+
+@contextlib.contextmanager
+def loading(flag: str, name: str, what: str):
+    """transformers reports a missing file or an unreachable hub as OSError (after the start-up check, e.g. weights
+    missing from the cache, or the network gone since); make it one line naming the flag."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelSetupError(f"{flag} {name}: cannot load {what} ({error_reason(exc)}).") from None
 
 
 def pad_token_id(tokenizer) -> int:
@@ -85,10 +99,11 @@ def load_model(args, dtype: torch.dtype, attn_implementation: str, quantization=
     """The base model, with Liger's kernels and gradient checkpointing as asked; `quantization` (QLoRA's 4-bit config)
     loads the weights onto this process's GPU. LoRA adapters come on top: open_instruct/lora.load_with_adapters."""
     placement = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}} if quantization else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, revision=args.model_revision, dtype=dtype, attn_implementation=attn_implementation,
-        **placement,
-    )
+    with loading("--model_name_or_path", args.model_name_or_path, "the model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, revision=args.model_revision, dtype=dtype, attn_implementation=attn_implementation,
+            **placement,
+        )
     if args.use_liger_kernel:
         apply_liger_kernel(model)
     if args.gradient_checkpointing:

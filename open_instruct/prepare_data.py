@@ -206,14 +206,13 @@ def prepare(args, tokenizer, log=print) -> tuple[TokenizedMixture, str]:
 
 def main(argv: list[str] | None = None) -> None:
     from open_instruct.args import parse_args
+    from open_instruct.evaluation import eval_mixer_args
     from open_instruct.model_utils import ModelSetupError, load_tokenizer
-
-    from open_instruct.evaluation import check_eval_spec, eval_mixer_args
+    from open_instruct.source_checks import check_run_sources
 
     args = parse_args(argv)
     try:
-        resolve_mixture(args)  # spec errors before the tokenizer download
-        check_eval_spec(args)
+        check_run_sources(args)  # spec errors, missing files and hub repos before the tokenizer download
         tokenizer = load_tokenizer(args)
         mixture, path = prepare(args, tokenizer)
         if args.eval_dataset_mixer_list:  # the run's eval loss set goes through the same cache

@@ -147,12 +147,12 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_the_rerun_is_the_straight_
     assert not (out / "run.lock").exists() and not (out / "model.safetensors").exists()
     if not rerun:  # how a stopped run continues does not depend on the signal: one rerun is enough
         return
-    straight_run = request.getfixturevalue("straight_run")
+    straight = request.getfixturevalue("straight_run")
     finetune(args)  # the same command continues the run
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith(f"step_{step}")
-    assert step_metrics(out) == step_metrics(straight_run)  # bitwise
-    resumed, straight = load_file(out / "model.safetensors"), load_file(straight_run / "model.safetensors")
-    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    assert step_metrics(out) == step_metrics(straight)  # bitwise
+    resumed, reference = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.equal(resumed[name], reference[name]) for name in reference)
 
 
 @pytest.mark.integration

@@ -119,7 +119,8 @@ def hub_args(*mixture, model="org/model"):
 def test_sources_are_checked_on_the_hub_and_on_disk(tmp_path):
     hub = FakeHub(missing={"org/typo-mixture"})
     args = hub_args("org/mixture@v2", "1.0", "org/typo-mixture", "0.5")
-    with pytest.raises(LaunchError, match="dataset org/typo-mixture is not on the Hugging Face Hub"):
+    with pytest.raises(LaunchError, match="dataset org/typo-mixture: neither a local file or folder .* nor a dataset on "
+                                          "the Hugging Face Hub"):
         check_sources(args, api=hub)
     assert ("dataset", "org/mixture", "v2") in hub.asked and ("model", "org/model", None) in hub.asked
     with pytest.raises(LaunchError, match=r"Dataset file data/missing\.jsonl does not exist"):
@@ -133,7 +134,8 @@ def test_eval_sources_are_checked_like_training_sources(tmp_path):
     hub = FakeHub(missing={"org/typo-eval"})
     args = parse_trainer_flags(["--model_name_or_path", "org/model", "--dataset_mixer_list", "org/mixture", "1.0",
                                 "--eval_dataset_mixer_list", "org/typo-eval", "1.0"])
-    with pytest.raises(LaunchError, match="dataset org/typo-eval is not on the Hugging Face Hub"):
+    with pytest.raises(LaunchError, match="dataset org/typo-eval: neither a local file or folder .* nor a dataset on "
+                                          "the Hugging Face Hub"):
         check_sources(args, api=hub)
     assert ("dataset", "org/typo-eval", None) in hub.asked
     missing = str(tmp_path / "arc.jsonl")
