@@ -10,15 +10,26 @@ looks complete. Checkpoints live on a filesystem every node sees (as accelerate 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
+if TYPE_CHECKING:  # annotations only: the trainer's objects, without importing what sits above this module
+    from accelerate import Accelerator
+
+    from open_instruct.args import FinetuneArgs
+    from open_instruct.batching import BatchPlan
+    from open_instruct.hub import HubUploader
+    from open_instruct.preemption import StopRequests
 from open_instruct.flops import parameter_numel
 from open_instruct.ranks import any_rank
 from open_instruct.storage import (
@@ -241,6 +252,37 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+@dataclass
+class Checkpointer:
+    """Saves this run's training state (every --checkpointing_steps, and when the run is asked to stop), times the
+    saves for the wall-clock budget, uploads and prunes."""
+
+    args: FinetuneArgs
+    accelerator: Accelerator
+    output: Path
+    plan: BatchPlan  # which epoch a step ends
+    identity: dict  # run_identity: what the checkpoint must match to be resumed
+    stops: StopRequests  # told how long saves take
+    uploader: HubUploader | None
+    estimate: int  # bytes of a checkpoint before the first one exists
+    last_saved_step: int = 0  # the same on every rank: whether a stop needs a save must not differ between ranks
+
+    def save(self, steps_done: int, first_loss: float | None, counters) -> Path:
+        trainer_state = {"step": steps_done, "epoch": self.plan.epochs_done(steps_done - 1), "first_loss": first_loss,
+                         "counters": counters.state(), "identity": self.identity}
+        started = time.perf_counter()
+        saved = save_checkpoint(self.accelerator, self.output, steps_done, trainer_state, dataclasses.asdict(self.args),
+                                estimate=self.estimate)
+        self.stops.note_save(time.perf_counter() - started)
+        self.last_saved_step = steps_done
+        if self.uploader and self.args.push_checkpoints:
+            self.uploader.upload_checkpoint(saved, steps_done)
+        if self.accelerator.is_main_process:  # a checkpoint still uploading is kept until a later prune
+            prune_checkpoints(self.output, self.args.keep_last_n_checkpoints,
+                              in_use=self.uploader.busy if self.uploader else None)
+        return saved
 
 
 def _save_failed(final: Path, reason: str) -> str:

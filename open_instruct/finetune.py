@@ -24,10 +24,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -39,15 +37,15 @@ from open_instruct.args import FinetuneArgs, args_to_dict, describe_fine_tune, p
 from open_instruct.batching import BatchPlan, collate, split_global_batch
 from open_instruct.checkpointing import (
     CheckpointError,
+    Checkpointer,
     check_resumable,
     checkpoint_bytes_estimate,
-    checkpoint_dir,
     checkpoint_to_resume,
     load_checkpoint,
+    newest_intact_description,
     prune_checkpoints,
     remove_unfinished_saves,
     run_identity,
-    save_checkpoint,
 )
 from open_instruct.data import DataError, TokenizedMixture
 from open_instruct.evaluation import eval_summary, prepare_evaluation
@@ -66,14 +64,14 @@ from open_instruct.model_utils import (
     pad_token_id,
 )
 from open_instruct.optim import build_optimizer, build_scheduler
-from open_instruct.preemption import RunStopped, StopRequests, parse_duration
+from open_instruct.preemption import RunStopped, StopRequests, stop_requests_for, stop_run
 from open_instruct.prepare_data import prepare
-from open_instruct.ranks import main_process_work
+from open_instruct.ranks import main_process_work, shut_down_process_group
 from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
 from open_instruct.run_lock import RunLock, RunLockError
 from open_instruct.source_checks import check_run_sources
-from open_instruct.storage import StorageError
+from open_instruct.storage import StorageError, failed_write, write_text
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -205,9 +203,14 @@ def record_run(args: FinetuneArgs, accelerator: Accelerator, output: Path, stats
     """run_config.yaml, environment.json and dataset_stats.json, written once training is about to start (a resumed
     run rewrites them), so that a run that failed while setting up leaves nothing that looks like a run."""
     nodes = gather_object([node_name()])  # every rank takes part; the record shows which machines joined the run
-    if accelerator.is_main_process:
-        write_run_record(output, args, accelerator.num_processes, nodes)
-        (output / "dataset_stats.json").write_text(json.dumps(stats, indent=2))
+
+    def write() -> None:
+        intact = newest_intact_description(output)
+        write_run_record(output, args, accelerator.num_processes, nodes, intact)
+        write_text(output / "dataset_stats.json", json.dumps(stats, indent=2), "dataset_stats.json", intact)
+
+    main_process_work(accelerator, write, (StorageError,),
+                      lambda: StorageError(f"The main process could not write the run's records to {output}."))
 
 
 def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path) -> None:
@@ -364,68 +367,12 @@ def should_checkpoint(args: FinetuneArgs, step: int, plan: BatchPlan) -> bool:
     return every is not None and done % every == 0
 
 
-@dataclass
-class Checkpointer:
-    """Saves this run's training state (every --checkpointing_steps, and when the run is asked to stop), times the
-    saves for the wall-clock budget, uploads and prunes."""
-
-    args: FinetuneArgs
-    accelerator: Accelerator
-    output: Path
-    plan: BatchPlan
-    identity: dict
-    stops: StopRequests
-    uploader: hub.HubUploader | None
-    estimate: int  # bytes of a checkpoint before the first one exists
-    last_saved_step: int = 0  # the same on every rank: whether a stop needs a save must not differ between ranks
-
-    def save(self, steps_done: int, first_loss: float | None, counters: RunCounters) -> Path:
-        trainer_state = {"step": steps_done, "epoch": self.plan.epochs_done(steps_done - 1), "first_loss": first_loss,
-                         "counters": counters.state(), "identity": self.identity}
-        started = time.perf_counter()
-        saved = save_checkpoint(self.accelerator, self.output, steps_done, trainer_state, args_to_dict(self.args),
-                                estimate=self.estimate)
-        self.stops.note_save(time.perf_counter() - started)
-        self.last_saved_step = steps_done
-        if self.uploader and self.args.push_checkpoints:
-            self.uploader.upload_checkpoint(saved, steps_done)
-        if self.accelerator.is_main_process:  # a checkpoint still uploading is kept until a later prune
-            prune_checkpoints(self.output, self.args.keep_last_n_checkpoints,
-                              in_use=self.uploader.busy if self.uploader else None)
-        return saved
-
-
-def stop_run(reason: str, steps_done: int, total_steps: int, checkpointer: Checkpointer, first_loss: float | None,
-             counters: RunCounters) -> NoReturn:
-    """Save what the run needs to continue (unless a checkpoint of this step exists), then raise RunStopped on every
-    rank: the same command continues the run."""
-    if steps_done == 0:
-        saved = "nothing was trained yet, so nothing was saved"
-    elif checkpointer.last_saved_step == steps_done:
-        saved = f"checkpoint {checkpoint_dir(checkpointer.output, steps_done)}"
-    else:
-        saved = f"checkpoint {checkpointer.save(steps_done, first_loss, counters)}"
-    if checkpointer.uploader and (dropped := checkpointer.uploader.drop_queued()):
-        logger.warning("%d queued hub upload(s) were cancelled; their files stay on local disk.", dropped)
-    checkpointer.accelerator.end_training()
-    shut_down_process_group(checkpointer.accelerator)
-    raise RunStopped(f"{reason} at step {steps_done} of {total_steps}; {saved}; rerun the same command to continue.")
-
-
-def install_stop_requests(args: FinetuneArgs) -> StopRequests:
-    """Signals and the wall-clock budget (see open_instruct/preemption.py); only global rank 0 asks Slurm for the
-    job's end time, and the ranks agree on stopping anyway."""
-    names = [] if args.stop_signals == ["none"] else args.stop_signals
-    budget = parse_duration(args.max_wall_time) if args.max_wall_time else None
-    return StopRequests(names, budget, ask_slurm=os.environ.get("RANK", "0") == "0").install()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    stops = install_stop_requests(args)  # first: a signal during the set-up is kept for the first step boundary
+    stops = stop_requests_for(args).install()  # first: a signal during the set-up is kept for the first step boundary
     lock = None
     try:
         configure_cuda_allocator()
@@ -498,7 +445,8 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
                                 estimate=checkpoint_bytes_estimate(model), last_saved_step=start_step)
     stops.expect_checkpoint_bytes(checkpointer.estimate)
     record_run(args, accelerator, output, stats)
-    metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step)
+    metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step,
+                                intact=newest_intact_description(output))
     pad_id = pad_token_id(tokenizer)
     if evaluator and start_step == 0:  # before training (a resumed run logged it already)
         metrics_log.log(evaluator.run(model, 0, counters), step=0)
@@ -528,6 +476,8 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
         if evaluator and evaluator.due(step + 1, total_steps):  # before the checkpoint, so a resume keeps it
             metrics_log.log(evaluator.run(model, step + 1, counters), step=step + 1)
         stops.note_step(time.perf_counter() - started)
+        if metrics_log.failure:
+            stops.request(metrics_log.failure)
         if should_checkpoint(args, step, plan):
             checkpointer.save(step + 1, first_loss, counters)
     progress.close()
@@ -554,28 +504,30 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
         "peak_memory_gb": round(peak_memory, 2),
         "model_dir": str(output.resolve()),
     }
-    if accelerator.is_main_process:
-        summary.update(eval_summary(metrics_log.path))  # initial_* and final_* eval metrics
-        if uploader:
-            hub.write_model_card(output, args, summary, stats, repo_id=repo_id, revision=uploader.revision,
-                                 num_processes=accelerator.num_processes)
-            uploader.upload_final(output)
-            summary.update(hub.summary_fields(uploader.finish()))  # waits; failures are reported, not raised
-            prune_checkpoints(output, args.keep_last_n_checkpoints)  # those kept while they were uploading
-        (output / "summary.json").write_text(json.dumps(summary, indent=2))
-        summary["report"] = str(write_run_report(output))  # plots + report.md; a failure is a warning, never fatal
-        print_summary(summary)
+    main_process_work(accelerator, lambda: finish_on_main_process(args, accelerator.num_processes, output, summary,
+                                                                  stats, metrics_log, uploader),
+                      (StorageError,), lambda: StorageError(f"The main process could not finish the run in {output}."))
     accelerator.end_training()
     shut_down_process_group(accelerator)
     return summary
 
 
-def shut_down_process_group(accelerator: Accelerator) -> None:
-    """Destroy the process group before the interpreter exits: left to exit-time destructors, the communication
-    threads were seen to abort a ZeRO-3 rank ("terminate called without an active exception") after a complete run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+def finish_on_main_process(args: FinetuneArgs, num_processes: int, output: Path, summary: dict, stats: list[dict],
+                           metrics_log: MetricsLogger, uploader: hub.HubUploader | None) -> None:
+    """After the final save: eval metrics in the summary, the model card and the last uploads, summary.json, the
+    run report and the printed summary."""
+    summary.update(eval_summary(metrics_log.path))  # initial_* and final_* eval metrics
+    if uploader:
+        with failed_write("the model card", output / "README.md", f"the final model in {output} is complete"):
+            hub.write_model_card(output, args, summary, stats, repo_id=uploader.repo_id, revision=uploader.revision,
+                                 num_processes=num_processes)
+        uploader.upload_final(output)
+        summary.update(hub.summary_fields(uploader.finish()))  # waits; failures are reported, not raised
+        prune_checkpoints(output, args.keep_last_n_checkpoints)  # those kept while they were uploading
+    write_text(output / "summary.json", json.dumps(summary, indent=2), "summary.json",
+               f"the final model in {output} is complete")
+    summary["report"] = str(write_run_report(output))  # plots + report.md; a failure is a warning, never fatal
+    print_summary(summary)
 
 
 def print_summary(summary: dict) -> None:

@@ -9,6 +9,7 @@ defined in docs/metrics.md.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from open_instruct.ranks import main_process_work
+from open_instruct.storage import StorageError, cause_of, free_bytes, size_text, write_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,20 +93,31 @@ def peak_memory_gb(accelerator) -> float:
 class MetricsLogger:
     """Writes one JSON object a line; only the main process writes."""
 
-    def __init__(self, accelerator, output_dir: str | Path, with_tracking: bool, resumed_step: int = 0):
+    def __init__(self, accelerator, output_dir: str | Path, with_tracking: bool, resumed_step: int = 0,
+                 intact: str = "nothing was trained yet"):
         """A resumed run keeps the lines up to its checkpoint's step and drops the rest (steps the killed run
-        logged after its last checkpoint are trained again)."""
+        logged after its last checkpoint are trained again). `intact`: what a failed write leaves the user."""
         self.accelerator = accelerator
         self.with_tracking = with_tracking
         self.path = Path(output_dir) / "metrics.jsonl"
-        if accelerator.is_main_process:
-            self.path.write_text("".join(line + "\n" for line in lines_up_to(self.path, resumed_step)))
+        self.failure: str | None = None
+        kept = "".join(line + "\n" for line in lines_up_to(self.path, resumed_step)) if accelerator.is_main_process else ""
+        main_process_work(accelerator, lambda: write_text(self.path, kept, "metrics.jsonl", intact),
+                          (StorageError,), lambda: StorageError(f"The main process could not write {self.path}."))
 
     def log(self, metrics: dict, step: int) -> None:
+        """Append the line (main process). A failed write (a full disk) does not raise here, where only the main
+        process would stop: it is kept in `failure` and the trainer stops all ranks at the next step boundary."""
         if not self.accelerator.is_main_process:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+        except OSError as error:
+            if self.failure is None:
+                self.failure = f"{self.path} could not be written ({cause_of(error)}, {size_text(free_bytes(self.path))} free)"
+                logger.error("%s: the run stops after this step, with a checkpoint if the disk still takes one.",
+                             self.failure)
         if self.with_tracking:
             self.accelerator.log(metrics, step=step)
         tqdm.write(format_line(metrics))

@@ -27,8 +27,10 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NoReturn
 
-from open_instruct.ranks import any_rank
+from open_instruct.checkpointing import checkpoint_dir
+from open_instruct.ranks import any_rank, shut_down_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class StopRequests:
                  started: float | None = None, launched_by_agent: bool | None = None, ask_slurm: bool = True):
         self.started = time.time() if started is None else started
         self.signal_name: str | None = None
+        self.requested: str | None = None  # a stop the trainer asked for itself (e.g. metrics.jsonl can't be written)
         self.stop_signals = tuple(stop_signals)
         deadlines = [self.started + max_wall_seconds] if max_wall_seconds is not None else []
         slurm_end = slurm_deadline(time.time()) if ask_slurm else None
@@ -148,6 +151,10 @@ class StopRequests:
                          f"{' (Ctrl-C again aborts now)' if number == signal.SIGINT else ''}.\n")
         sys.stderr.flush()
 
+    def request(self, reason: str) -> None:
+        """Stop at the next step boundary for `reason` (the first request is kept)."""
+        self.requested = self.requested or reason
+
     # --- timing the run, for the wall-clock budget ---------------------------------------------------------------
     def note_step(self, seconds: float) -> None:
         self.slowest_step = max(self.slowest_step, seconds)
@@ -172,6 +179,8 @@ class StopRequests:
             return f"stopped because the launcher (pid {self.parent}) is gone"
         if self.signal_name is not None:
             return f"stopped by {self.signal_name}"
+        if self.requested is not None:
+            return f"stopped because {self.requested}"
         now = time.time() if now is None else now
         if self.deadline is not None and self.deadline - now < self.reserve_seconds():
             left = max(0.0, self.deadline - now)
@@ -192,3 +201,28 @@ class StopRequests:
         reasons = gather_object([reason])
         rank, first = next((rank, text) for rank, text in enumerate(reasons) if text is not None)
         return first if rank == 0 else f"{first} on rank {rank}"
+
+
+def stop_run(reason: str, steps_done: int, total_steps: int, checkpointer, first_loss: float | None,
+             counters) -> NoReturn:
+    """Save what the run needs to continue (unless a checkpoint of this step exists), then raise RunStopped on every
+    rank: the same command continues the run."""
+    if steps_done == 0:
+        saved = "nothing was trained yet, so nothing was saved"
+    elif checkpointer.last_saved_step == steps_done:
+        saved = f"checkpoint {checkpoint_dir(checkpointer.output, steps_done)}"
+    else:
+        saved = f"checkpoint {checkpointer.save(steps_done, first_loss, counters)}"
+    if checkpointer.uploader and (dropped := checkpointer.uploader.drop_queued()):
+        logger.warning("%d queued hub upload(s) were cancelled; their files stay on local disk.", dropped)
+    checkpointer.accelerator.end_training()
+    shut_down_process_group(checkpointer.accelerator)
+    raise RunStopped(f"{reason} at step {steps_done} of {total_steps}; {saved}; rerun the same command to continue.")
+
+
+def stop_requests_for(args) -> StopRequests:
+    """The trainer's --stop_signals and --max_wall_time; only global rank 0 asks Slurm for the job's end time (the
+    ranks agree on stopping anyway, and 64 ranks need not all query the controller)."""
+    names = [] if args.stop_signals == ["none"] else args.stop_signals
+    budget = parse_duration(args.max_wall_time) if args.max_wall_time else None
+    return StopRequests(names, budget, ask_slurm=os.environ.get("RANK", "0") == "0")

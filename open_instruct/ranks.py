@@ -37,3 +37,11 @@ def main_process_work(accelerator, work: Callable[[], T], errors: tuple[type[Bas
     if any_rank(accelerator, failure is not None):
         raise failure if failure is not None else elsewhere()
     return result
+
+
+def shut_down_process_group(accelerator) -> None:
+    """Destroy the process group before the interpreter exits: left to exit-time destructors, the communication
+    threads were seen to abort a ZeRO-3 rank ("terminate called without an active exception") after a complete run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()

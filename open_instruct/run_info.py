@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from open_instruct.args import FinetuneArgs, args_to_dict
+from open_instruct.storage import write_text
 
 PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "datasets", "huggingface_hub", "tokenizers",
             "safetensors", "peft", "liger-kernel", "flash-attn", "wandb")
@@ -52,10 +53,11 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def write_run_record(output: Path, args: FinetuneArgs, num_processes: int, nodes: list[str] | None = None) -> None:
+def write_run_record(output: Path, args: FinetuneArgs, num_processes: int, nodes: list[str] | None = None,
+                     intact: str = "nothing was trained yet") -> None:
     """run_config.yaml (every flag, resolved) and environment.json (versions, commit, processes and, per global
-    rank, the node it ran on)."""
-    (output / "run_config.yaml").write_text(yaml.safe_dump(args_to_dict(args), sort_keys=False))
+    rank, the node it ran on). A failed write is a StorageError that says what is `intact`."""
+    write_text(output / "run_config.yaml", yaml.safe_dump(args_to_dict(args), sort_keys=False), "run_config.yaml", intact)
     record = {"packages": package_versions(), "git": git_commit(), "num_processes": num_processes,
               "nodes": nodes, "platform": platform.platform()}
-    (output / "environment.json").write_text(json.dumps(record, indent=2))
+    write_text(output / "environment.json", json.dumps(record, indent=2), "environment.json", intact)

@@ -45,8 +45,12 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(existing_parent(path)).free
 
 
-def gigabytes(count: float) -> str:
-    return f"{count / 1e9:.2f} GB"
+def size_text(count: float) -> str:
+    """Bytes for people: 3.8 MB, 15.20 GB (decimal units, as disk tools and datasheets use)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}" if unit in ("TB", "GB") else f"{count / scale:.1f} {unit}"
+    return f"{int(count)} B"
 
 
 def free_space_problem(path: str | Path, needed: int, what: str) -> str | None:
@@ -54,11 +58,13 @@ def free_space_problem(path: str | Path, needed: int, what: str) -> str | None:
     free = free_bytes(path)
     if free >= needed:
         return None
-    return f"{what} needs about {gigabytes(needed)} but the disk of {existing_parent(path)} has {gigabytes(free)} free"
+    return f"{what} needs about {size_text(needed)} but the disk of {existing_parent(path)} has {size_text(free)} free"
 
 
 def cause_of(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    """The reason of a failed write in a few words (a full disk the same way whichever library reported it)."""
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error) \
+            or "os error 28" in str(error):
         return "no space left on device"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
@@ -67,8 +73,9 @@ def cause_of(error: BaseException) -> str:
 
 def write_failure_message(what: str, path: str | Path, error: BaseException | str, intact: str) -> str:
     cause = error if isinstance(error, str) else cause_of(error)
-    return (f"Could not write {what} to {path}: {cause} ({gigabytes(free_bytes(path))} free on its disk). "
-            f"Nothing partial was kept; {intact}. Free space and run the same command again.")
+    free = "" if cause.endswith(" free") else f" ({size_text(free_bytes(path))} free on its disk)"
+    return (f"Could not write {what} to {path}: {cause}{free}. Nothing partial was kept; {intact}. Free space and "
+            "run the same command again.")
 
 
 @contextlib.contextmanager
@@ -84,6 +91,16 @@ def failed_write(what: str, path: str | Path, intact: str | Callable[[], str], c
         if cleanup is not None:
             remove(cleanup)
         raise StorageError(write_failure_message(what, path, error, intact() if callable(intact) else intact)) from None
+
+
+def write_text(path: str | Path, text: str, what: str, intact: str | Callable[[], str]) -> None:
+    """Write a small file whole or not at all (a temporary file beside it, then a rename); a failure is a
+    StorageError."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with failed_write(what, path, intact, cleanup=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def remove(path: Path) -> None:

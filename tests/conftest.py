@@ -49,6 +49,27 @@ def slurm_cluster(slurm_available, tmp_path_factory) -> Iterator[LocalSlurmClust
         yield cluster
 
 
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator:
+    """A factory for real small disks: small_disk("4m") mounts a tmpfs of that size and returns its folder; every
+    disk is unmounted after the test. Skips where mounting is not allowed (needs root and CAP_SYS_ADMIN)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 def clean_env(**extra) -> dict:
     """The environment for a child run: no tracker or hub credentials leak in from the developer's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_", "ACCELERATE_"))}

@@ -8,6 +8,9 @@ FAULT:
     kill_during_save  SIGKILL after every rank wrote its part of checkpoint FAULT_STEP, before it is marked complete.
     disk_full         the write of checkpoint FAULT_STEP fails with ENOSPC (No space left on device).
     slow_steps        every optimizer step takes FAULT_SECONDS longer, so a test can signal a run mid-way.
+    fill_disk         after optimizer step FAULT_STEP a file (OUTPUT_DIR/filler) fills the disk of the output
+                      directory, so every later write meets a real ENOSPC; with FAULT_SKIP_SPACE_CHECKS=1 the
+                      trainer's own free-space checks are skipped, so the libraries' writes fail instead.
 Nothing here is imported by the trainer: the faults patch it from outside.
 """
 
@@ -16,7 +19,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 from accelerate import Accelerator
 
@@ -29,7 +34,40 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def fill_disk(folder: Path) -> None:
+    with (folder / "filler").open("wb", buffering=0) as handle:  # unbuffered: closing it has nothing left to write
+        for size in (1 << 20, 4096, 1):  # big blocks first, then whatever is left
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def after_step(step: int, action) -> None:
+    """Run `action` right after optimizer step `step` (counting this process's steps from 1)."""
+    train_step, done = finetune.train_step, [0]
+
+    def counted_train_step(*args, **kwargs):
+        result = train_step(*args, **kwargs)
+        done[0] += 1
+        if done[0] == step:
+            action()
+        return result
+
+    finetune.train_step = counted_train_step
+
+
 def inject() -> None:
+    if FAULT == "fill_disk":
+        output = Path(sys.argv[sys.argv.index("--output_dir") + 1])
+        after_step(STEP, lambda: fill_disk(output))
+        if os.environ.get("FAULT_SKIP_SPACE_CHECKS") == "1":
+            import open_instruct.checkpointing as checkpointing
+            import open_instruct.final_model as final_model
+
+            checkpointing.free_space_problem = final_model.free_space_problem = lambda *args: None
+        return
     if FAULT == "slow_steps":
         train_step, seconds = finetune.train_step, float(os.environ["FAULT_SECONDS"])
 

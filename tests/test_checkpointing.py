@@ -242,7 +242,7 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_mod
     out = tmp_path / "run"
     failed = with_fault(train_args(tiny_model_dir, out, "--checkpointing_steps", "2"), "disk_full", 4)
     assert failed.returncode == 2, failed.stderr[-2000:]
-    assert re.search(r"Could not write checkpoint step_4 to \S+step_4: no space left on device \([\d.]+ GB free on its "
+    assert re.search(r"Could not write checkpoint step_4 to \S+step_4: no space left on device \([\d.]+ [kMGT]?B free on its "
                      r"disk\)\. Nothing partial was kept; the newest checkpoint \S+step_2 is intact", failed.stderr)
     assert "Traceback" not in failed.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
