@@ -61,6 +61,13 @@ class MasonArgs:
     output_dir: str | None = field(default=None, metadata={
         "help": "Where the job script and logs go (its logs/ folder). Default: the trainer's --output_dir."})
     main_process_port: int = field(default=29500, metadata={"help": "Rendezvous port on the first node."})
+    grace_seconds: int = field(default=300, metadata={
+        "help": "Slurm: seconds before the time limit at which the job is told to save a checkpoint and stop "
+                "(sbatch --signal=B:USR1@N); the training processes' time to save after a SIGTERM too. Must cover "
+                "one optimizer step and one checkpoint save."})
+    no_requeue: bool = field(default=False, metadata={
+        "help": "Slurm: do not requeue a job that stopped with a checkpoint before its time limit (it then just "
+                "ends; rerun the same command to continue)."})
     gpu_memory_gb: float = field(default=80.0, metadata={"help": "Memory of one GPU, for the memory plan."})
     force: bool = field(default=False, metadata={"help": "Launch even if the memory plan says it will not fit."})
     prepare_data: bool = field(default=False, metadata={
@@ -111,9 +118,13 @@ def parse_mason_args(tokens: list[str]) -> MasonArgs:
         errors.append(f"--gpus_per_node must be 0 or more, got {args.gpus_per_node}.")
     if args.backend == "print" and args.dry_run:
         errors.append("--dry_run has no effect with --backend print (it only prints).")
+    if args.grace_seconds < 1:
+        errors.append(f"--grace_seconds must be at least 1, got {args.grace_seconds}.")
     if args.backend != "slurm":
         errors += [f"--{name} only applies to --backend slurm." for name in
                    ("partition", "account", "qos", "time", "cpus_per_node") if getattr(args, name) is not None]
+        errors += [f"--{name} only applies to --backend slurm." for name in ("grace_seconds", "no_requeue")
+                   if getattr(args, name) != MasonArgs.__dataclass_fields__[name].default]
     if errors:
         raise LaunchError("\n".join(errors))
     return args
@@ -220,7 +231,8 @@ def launch_slurm(args: MasonArgs, spec: LaunchSpec, layout: Layout, env: dict, t
     run_dir = Path(args.output_dir or trainer_args.output_dir).resolve()
     job = SlurmJob(job_name=args.job_name or trainer_args.exp_name, log_dir=run_dir / "logs", workdir=Path.cwd(),
                    gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, time=args.time,
-                   partition=args.partition, account=args.account, qos=args.qos, env=env, secrets=args.secret)
+                   partition=args.partition, account=args.account, qos=args.qos, env=env, secrets=args.secret,
+                   grace_seconds=args.grace_seconds, requeue=not args.no_requeue)
     script = sbatch_script(spec, layout, job)
     if args.dry_run:
         print(script, end="")

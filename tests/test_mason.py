@@ -257,8 +257,11 @@ def test_tulu_dry_run_prints_a_complete_sbatch_script_without_secret_values(tmp_
                     env=clean_env(PYTHON=sys.executable, HF_TOKEN=sentinel))
     script = result.stdout[result.stdout.index("#!/bin/bash"):]
     for directive in ("--nodes=8", "--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive", "--partition=gpu",
-                      "--account=proj", "--time=24:00:00", "--export=ALL", f"--chdir={REPO}"):
+                      "--account=proj", "--time=24:00:00", "--export=ALL", f"--chdir={REPO}", "--open-mode=append",
+                      "--signal=B:USR1@300", "--requeue"):
         assert f"#SBATCH {directive}\n" in script
+    assert "trap stop_training USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in script
     assert "output/tulu3_8b_sft/logs/tulu3_8b_sft-%j.out" in script and "export NCCL_DEBUG=WARN" in script
     assert ': "${HF_TOKEN:?' in script and sentinel not in result.stdout + result.stderr
     assert 'srun --nodes=8 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE"' in script
@@ -267,6 +270,8 @@ def test_tulu_dry_run_prints_a_complete_sbatch_script_without_secret_values(tmp_
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0  # valid bash
     # The task's command, as the node's shell will see it, parses with the real parsers.
     task = shlex.split(script.split("bash -c ", 1)[1])[0].replace("\\\n", " ")
+    assert task.startswith('trap "" USR1; exec ')  # the task and torch's launcher leave USR1 to the trainer
+    task = task.removeprefix('trap "" USR1; exec ')
     argv = shlex.split(task.replace('"$SLURM_NODEID"', "5").replace('"$MAIN_PROCESS_IP"', "10.0.0.1"))
     assert argv[argv.index("--machine_rank") + 1] == "5" and argv[argv.index("--num_processes") + 1] == "64"
     assert parse_trainer_flags(parse_launch_command(["accelerate", *argv[1:]]).script_args).learning_rate == 5e-6
@@ -365,11 +370,14 @@ def test_every_cluster_option_reaches_the_script_or_the_commands(tmp_path):
                  "org/data", "1.0"]
     result = mason("--dry_run", "--num_nodes", "2", "--gpus_per_node", "8", "--processes_per_node", "4",
                    "--cpus_per_node", "16", "--qos", "high", "--job_name", "my-job", "--output_dir", str(tmp_path),
-                   "--main_process_port", "1234", "--skip_hub_checks", "--", "accelerate", "launch", *hub_model)
+                   "--main_process_port", "1234", "--grace_seconds", "120", "--no_requeue", "--skip_hub_checks", "--",
+                   "accelerate", "launch", *hub_model)
     script = result.stdout
     for directive in ("--cpus-per-task=16", "--qos=high", "--job-name=my-job",
-                      f"--output={tmp_path}/logs/my-job-%j.out"):
+                      f"--output={tmp_path}/logs/my-job-%j.out", "--signal=B:USR1@120"):
         assert f"#SBATCH {directive}\n" in script
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in script
+    assert "#SBATCH --requeue" not in script and "scontrol requeue" not in script  # --no_requeue
     assert "#SBATCH --exclusive" not in script  # CPUs sized explicitly: no whole-node request
     assert "--num_processes 8 \\" in script and "--main_process_port 1234 \\" in script  # 2 nodes x 4 processes
     assert "could not check" not in result.stdout  # --skip_hub_checks: the hub was not asked
