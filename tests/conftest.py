@@ -53,6 +53,9 @@ def clean_env(**extra) -> dict:
     """The environment for a child run: no tracker or hub credentials leak in from the developer's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_", "ACCELERATE_"))}
     env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    # A script (tests/fault_injection.py) puts its own folder first on sys.path, not the checkout: without this it
+    # imports whichever open_instruct the environment has installed (another checkout's, for an editable install).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 
