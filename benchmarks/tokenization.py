@@ -5,7 +5,7 @@
 
 Both sides read the same generated JSONL of multi-turn conversations with the same 32k-vocab byte-level BPE
 tokenizer, trained here on the same text, and the same tulu chat template (with `{% generation %}` markers, which
-TRL's assistant_only_loss needs; our masks do not need them). Timed for us: `prepare_data.get_mixture` (read the
+TRL's assistant_only_loss needs; our masks do not need them). Timed for us: `data_cache.get_mixture` (read the
 JSONL, sample, convert, render, tokenize, mask, write the Arrow cache). Timed for TRL: `load_dataset("json")` plus
 `SFTTrainer._prepare_dataset` with assistant_only_loss=True (render, tokenize, assistant masks, labels). The script
 also checks that both produce the same input_ids and the same trained positions on a sample of examples.
@@ -84,15 +84,15 @@ def train_tokenizer(conversations: list[dict], vocab_size: int, out: Path):
 
 
 def run_ours(data: Path, tokenizer, cache: Path, num_proc: int, max_seq_length: int):
-    from open_instruct import prepare_data
+    from open_instruct import data_cache
 
     args = SimpleNamespace(dataset_mixer_list=[str(data), "1.0"], dataset_mixer_list_splits=["train"],
                            dataset_mixer_file=None, max_seq_length=max_seq_length, train_on="assistant",
                            truncation="whole_turns", add_bos=False, skip_bad_rows=False, max_unmaskable_fraction=0.01,
                            dataset_local_cache_dir=str(cache), dataset_skip_cache=False, dataset_num_proc=num_proc,
-                           seed=0)
+                           dataset_cache_on_damage="rebuild", seed=0)
     start = time.perf_counter()
-    mixture, _ = prepare_data.get_mixture(args, tokenizer, log=lambda _: None)
+    mixture, _ = data_cache.get_mixture(args, tokenizer, log=lambda _: None)
     return time.perf_counter() - start, mixture
 
 

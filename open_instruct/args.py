@@ -89,6 +89,11 @@ class FinetuneArgs:
     )
     dataset_local_cache_dir: str = _field("local_dataset_cache", "Where tokenized mixtures are cached.")
     dataset_skip_cache: bool = _field(False, "Tokenize again instead of reading or writing the cache.")
+    dataset_cache_on_damage: Literal["rebuild", "stop"] = _field(
+        "rebuild",
+        "A cached tokenized mixture whose files no longer match the checksums recorded when it was written: rebuild "
+        "warns, naming the cache and the file, and tokenizes again; stop ends the run with that error instead.",
+    )
     dataset_num_proc: int | None = _field(None, "Processes for tokenization. Default: every core.")
     audit_file: str | None = _field(
         None, "Write examples as JSONL with their text split into trained / untrained segments (see docs/data.md)."
@@ -345,6 +350,8 @@ def validate(args: FinetuneArgs) -> None:
         errors.append(f"--dataset_num_proc must be at least 1, got {args.dataset_num_proc}.")
     if args.audit_num_examples < 1:
         errors.append(f"--audit_num_examples must be at least 1, got {args.audit_num_examples}.")
+    if args.dataset_skip_cache and _changed(args, "dataset_cache_on_damage"):
+        errors.append("--dataset_cache_on_damage has no effect with --dataset_skip_cache (no cache is read).")
     if not args.audit_file and _changed(args, "audit_num_examples"):
         errors.append("--audit_num_examples has no effect without --audit_file.")
     for name in ("warmup_ratio", "final_lr_ratio", "warmdown_ratio", "max_unmaskable_fraction"):

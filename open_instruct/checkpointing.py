@@ -3,9 +3,11 @@
 A checkpoint is `OUTPUT_DIR/checkpoints/step_N/`: accelerate's `save_state` (model and optimizer, as ZeRO-3 shards
 under DeepSpeed; the LR scheduler; every rank's RNG states) plus `trainer_state.json` (the next optimizer step, which
 with the seed decides every later global batch; token counters; what the run must keep to be the same run) and
-`run_config.yaml`. Every rank writes into `step_N.tmp/`; global rank 0 adds the COMPLETED marker and renames the folder
-only after all ranks finished, so a crash at any point leaves the previous checkpoints untouched and no `step_N` that
-looks complete. Checkpoints live on a filesystem every node sees (as accelerate and DeepSpeed assume).
+`run_config.yaml`. Every rank writes into `step_N.tmp/`; once all ranks finished, they hash the files into
+`manifest.json` (each rank a share, see open_instruct/manifest.py), then global rank 0 adds the COMPLETED marker and
+renames the folder, so a crash at any point leaves the previous checkpoints untouched and no `step_N` that looks
+complete. Resuming checks the manifest: a damaged newest checkpoint is set aside (`step_N.damaged`) and the newest
+intact one resumes. Checkpoints live on a filesystem every node sees (as accelerate and DeepSpeed assume).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-if TYPE_CHECKING:  # annotations only: the trainer's objects, without importing what sits above this module
-    from accelerate import Accelerator
-
-    from open_instruct.args import FinetuneArgs
-    from open_instruct.batching import BatchPlan
-    from open_instruct.hub import HubUploader
-    from open_instruct.preemption import StopRequests
 from open_instruct.flops import parameter_numel
+from open_instruct.manifest import (
+    COMPLETED_MARKER,
+    describe,
+    folder_problems,
+    from_main_process,
+    mark_complete,
+    record_manifest,
+)
 from open_instruct.ranks import any_rank
 from open_instruct.storage import (
     StorageError,
@@ -40,9 +43,16 @@ from open_instruct.storage import (
     write_failure_message,
 )
 
+if TYPE_CHECKING:  # annotations only: the trainer's objects, without importing what sits above this module
+    from accelerate import Accelerator
+
+    from open_instruct.args import FinetuneArgs
+    from open_instruct.batching import BatchPlan
+    from open_instruct.hub import HubUploader
+    from open_instruct.preemption import StopRequests
+
 logger = logging.getLogger(__name__)
 
-COMPLETED_MARKER = "COMPLETED"
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -121,6 +131,64 @@ def checkpoint_to_resume(resume_from_checkpoint: str, output_dir: str | Path) ->
             f"{TRAINER_STATE}); a save was probably interrupted. Use an earlier checkpoint or 'auto'."
         )
     return path
+
+
+def verified_checkpoint_to_resume(accelerator, resume_from_checkpoint: str, output_dir: str | Path) -> Path | None:
+    """`checkpoint_to_resume`, checked against the checkpoint's manifest (every rank calls it; all get one answer).
+
+    `auto` falls back from damaged checkpoints to the newest intact one, setting the damaged ones aside; with none
+    intact it is an error (starting over silently would throw the run away). A damaged explicit path is an error. A
+    checkpoint saved before manifests existed resumes unverified, with a warning.
+    """
+    if resume_from_checkpoint == "auto":
+        return _newest_intact(accelerator, output_dir)
+    path = checkpoint_to_resume(resume_from_checkpoint, output_dir)
+    if path is not None and (problems := _problems_or_warn(accelerator, path)):
+        raise CheckpointError(
+            f"--resume_from_checkpoint {path} is damaged ({describe(problems)}). Restore its files, or resume "
+            "another checkpoint ('auto' takes the newest intact one of --output_dir)."
+        )
+    return path
+
+
+def _problems_or_warn(accelerator, checkpoint: Path) -> list[str]:
+    """The checkpoint's problems ([] when intact); one without a manifest counts as intact, with a warning."""
+    problems = folder_problems(checkpoint, accelerator)
+    if problems is None and accelerator.is_main_process:
+        logger.warning("%s has no manifest (saved before checkpoints were verified): resuming it unverified.",
+                       checkpoint)
+    return problems or []
+
+
+def _newest_intact(accelerator, output_dir: str | Path) -> Path | None:
+    damaged = {}
+    for checkpoint in reversed(from_main_process(accelerator, lambda: complete_checkpoints(output_dir))):
+        problems = _problems_or_warn(accelerator, checkpoint)
+        if not problems:
+            if accelerator.is_main_process:
+                set_aside(damaged, checkpoint)
+            return checkpoint
+        damaged[checkpoint] = problems
+    if damaged:
+        found = ", ".join(f"{path.name} ({describe(problems)})" for path, problems in damaged.items())
+        raise CheckpointError(
+            f"No intact checkpoint in {checkpoints_root(output_dir)}: {found}. Nothing was moved or deleted. Restore "
+            "the damaged files, or start the run over in another --output_dir."
+        )
+    return None
+
+
+def set_aside(damaged: dict[Path, list[str]], intact: Path) -> None:
+    """Rename each damaged checkpoint to `step_N.damaged` (global rank 0): kept for inspection, never deleted, and out
+    of the way of pruning and of the run's next save of step N."""
+    for checkpoint, problems in damaged.items():
+        aside = checkpoint.with_name(f"{checkpoint.name}.damaged")
+        number = 1
+        while aside.exists():
+            aside, number = checkpoint.with_name(f"{checkpoint.name}.damaged-{number}"), number + 1
+        checkpoint.rename(aside)
+        logger.warning("Checkpoint %s is damaged (%s): moved it to %s. Resuming %s, the newest intact checkpoint.",
+                       checkpoint, describe(problems), aside.name, intact.name)
 
 
 def run_identity(args, data_fingerprint: str, global_batch: str, num_processes: int, zero_stage: int | None) -> dict:
@@ -246,11 +314,20 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise StorageError(_save_failed(final, problem or "another process failed to write its part"))
-    if accelerator.is_main_process:
-        (tmp / COMPLETED_MARKER).write_text(json.dumps({"step": step}))  # written once, after every rank's part
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
+    try:
+        record_manifest(tmp, accelerator)  # every rank hashes its share of the files; the main process writes it
+        if accelerator.is_main_process:
+            mark_complete(tmp, step=step)  # written once, after every rank's part and the manifest
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except Exception as error:
+        if not is_write_failure(error):
+            raise
+        problem = cause_of(error)
+    if any_rank(accelerator, problem is not None):  # also the barrier: no rank goes on before the rename
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(_save_failed(final, problem or "the main process could not finish it"))
     return final
 
 

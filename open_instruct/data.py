@@ -8,7 +8,7 @@ Local JSON files are read line by line, so a bad row is reported as ``file:line`
 in `datasets.map` worker processes that report a status per row instead of raising, and the main process then
 applies the policy (error, or skip and count with --skip_bad_rows).
 
-The cache and the command-line entry point live in open_instruct/prepare_data.py.
+The cache lives in open_instruct/data_cache.py, the command-line entry point in open_instruct/prepare_data.py.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from open_instruct import synthetic
 from open_instruct.batching import collate
 from open_instruct.chat_templates import end_of_turn_token_ids
 from open_instruct.data import DataError, MixerItem, TokenizedMixture, jsonl_values, parse_mixer
+from open_instruct.data_cache import get_mixture
 from open_instruct.loss import token_loss_sum
 from open_instruct.model_utils import ChunkedLossModel, pad_token_id
 from open_instruct.tokenization import IGNORE_INDEX, bos_prefix, encode_messages, render
@@ -136,11 +137,9 @@ def split_held_out(mixture: TokenizedMixture, fraction: float, seed: int) -> tup
 
 def eval_mixture(args, tokenizer, accelerator) -> TokenizedMixture:
     """--eval_dataset_mixer_list tokenized like training data, through the same cache (rank 0 fills it first)."""
-    from open_instruct.prepare_data import get_mixture  # it imports the trainer's data stack; only needed here
-
     log = logger.info if accelerator.is_main_process else (lambda _: None)
-    with accelerator.main_process_first(), accelerator.local_main_process_first():
-        mixture, _ = get_mixture(eval_mixer_args(args), tokenizer, log=log)
+    with accelerator.main_process_first(), accelerator.local_main_process_first():  # those first verify the cache
+        mixture, _ = get_mixture(eval_mixer_args(args), tokenizer, log=log, verify=accelerator.is_local_main_process)
     return mixture
 
 

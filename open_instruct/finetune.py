@@ -40,12 +40,12 @@ from open_instruct.checkpointing import (
     Checkpointer,
     check_resumable,
     checkpoint_bytes_estimate,
-    checkpoint_to_resume,
     load_checkpoint,
     newest_intact_description,
     prune_checkpoints,
     remove_unfinished_saves,
     run_identity,
+    verified_checkpoint_to_resume,
 )
 from open_instruct.data import DataError, TokenizedMixture
 from open_instruct.evaluation import eval_summary, prepare_evaluation
@@ -398,18 +398,20 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
     tokenizer = load_tokenizer(args)
     # Rank 0 tokenizes into the cache first; then each node's local main process (which finds rank 0's cache on a
     # shared filesystem, or tokenizes once per node on local disks); then everyone else loads. Every rank meets the
-    # same two barriers.
+    # same two barriers. The processes that go first check the cache's checksums (see data_cache.get_mixture).
     with accelerator.main_process_first(), accelerator.local_main_process_first():
-        mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None)
+        mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None,
+                             verify_cache=accelerator.is_local_main_process)
     mixture, evaluator = prepare_evaluation(args, tokenizer, accelerator, mixture)  # less --eval_fraction's share
     plan, total_steps = make_plan(args, accelerator, mixture)
     logger.info("%d examples, global batch %s, %d steps in the first epoch (%d examples left out of it), %d steps.",
                 len(mixture), global_batch_description(plan), plan.steps_per_epoch, plan.dropped_per_epoch(),
                 total_steps)
-    # Checked before the model loads: a checkpoint of a different run is refused without costing a model load.
+    # Checked before the model loads: a damaged checkpoint (see checkpointing.verified_checkpoint_to_resume) or one
+    # of a different run is refused without costing a model load.
     identity = run_identity(args, mixture.fingerprint, global_batch_description(plan), accelerator.num_processes,
                             zero_stage(accelerator))
-    resume_from = checkpoint_to_resume(args.resume_from_checkpoint, output)
+    resume_from = verified_checkpoint_to_resume(accelerator, args.resume_from_checkpoint, output)
     resumed = check_resumable(resume_from, identity, args.force_resume) if resume_from else None
     stats = [vars(s) for s in mixture.stats]
 

@@ -1,142 +1,27 @@
-"""Tokenize the training mixture into a cache (Arrow, via datasets) without touching a GPU; finetune.py reuses it.
+"""Tokenize the training mixture into the cache (open_instruct/data_cache.py) without touching a GPU; finetune.py
+reuses it.
 
     python -m open_instruct.prepare_data --model_name_or_path output/tiny-llama \
         --dataset_mixer_list synthetic:spelling 1.0 --audit_file output/audit.jsonl
 
 It takes the same flags as open_instruct.finetune (a YAML config too), so the exact command of a training run,
-with `finetune` replaced by `prepare_data`, fills the cache that run will hit. The cache key covers the mixture
-spec, each source's identity (hub revision, content hash of local files, synthetic task contents), the tokenizer and
-chat template, the masking and truncation options, the seed and CACHE_VERSION. A cache is written to a temporary
-folder and renamed into place when complete, so a killed prepare never leaves a cache that looks complete.
+with `finetune` replaced by `prepare_data`, fills the cache that run will hit. The prepare step the trainer shares
+(`prepare`: cache, stats, audit, one shown example) and the audit live here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from open_instruct import synthetic
-from open_instruct.data import (
-    SYNTHETIC_PREFIX,
-    DataError,
-    EncodeOptions,
-    MixerItem,
-    SourceStats,
-    TokenizedMixture,
-    build_mixture,
-    format_stats,
-    local_files,
-    resolve_mixture,
-)
+from open_instruct.data import DataError, TokenizedMixture, format_stats
+from open_instruct.data_cache import get_mixture
+from open_instruct.evaluation import eval_mixer_args
+from open_instruct.storage import StorageError
 from open_instruct.tokenization import IGNORE_INDEX
-
-CACHE_VERSION = "3"  # bump when the meaning of a cached example changes
-COMPLETED_MARKER = "COMPLETED"
-
-
-def encode_options(args) -> EncodeOptions:
-    return EncodeOptions(args.max_seq_length, args.train_on, args.truncation, args.add_bos)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The cache key
-# ----------------------------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def source_fingerprint(item: MixerItem) -> str:
-    """What identifies a source's contents: file hashes, the hub revision (resolved to a commit when online)."""
-    if item.kind == "local":
-        return json.dumps([[str(f), _sha256_file(f)] for f in local_files(Path(item.name))])
-    if item.kind == "synthetic":
-        rows = synthetic.load_task(item.name[len(SYNTHETIC_PREFIX):], item.split)
-        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-    repo, _, revision = item.name.partition("@")
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(repo, revision=revision or None).sha or revision or "main"
-    except Exception:  # offline or no access: the pinned revision name is the best identity we have
-        return revision or "main"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer.get_vocab())
-    parts = [type(tokenizer).__name__, backend, tokenizer.chat_template or "", str(tokenizer.bos_token),
-             str(tokenizer.eos_token), str(tokenizer.pad_token)]
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
-
-
-def cache_key(items: list[MixerItem], tokenizer, args) -> str:
-    spec = {
-        "version": CACHE_VERSION,
-        "sources": [{**item.spec(), "fingerprint": source_fingerprint(item)} for item in items],
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "options": vars(encode_options(args)),
-        "skip_bad_rows": args.skip_bad_rows,
-        "max_unmaskable_fraction": args.max_unmaskable_fraction,
-        "seed": args.seed,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Build or load
-# ----------------------------------------------------------------------------------------------------------------
-def _load(path: Path, key: str) -> TokenizedMixture:
-    import datasets
-
-    stats = [SourceStats(**s) for s in json.loads((path / "stats.json").read_text())]
-    return TokenizedMixture(datasets.load_from_disk(str(path / "dataset")), stats, key)
-
-
-def _save(path: Path, dataset, stats: list[SourceStats]) -> None:
-    """Write into a unique temporary folder, then rename: readers see a complete cache or none."""
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        dataset.save_to_disk(str(tmp / "dataset"))
-        (tmp / "stats.json").write_text(json.dumps([vars(s) for s in stats], indent=2))
-        (tmp / COMPLETED_MARKER).write_text("")
-        if path.exists() and not (path / COMPLETED_MARKER).exists():
-            shutil.rmtree(path)  # an incomplete folder (not ours: we never leave one) must not block the cache
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process finished the same cache first: keep theirs
-            if not (path / COMPLETED_MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def get_mixture(args, tokenizer, log=print) -> tuple[TokenizedMixture, str]:
-    """The tokenized mixture for these args: from the cache when it is there, else built (and cached)."""
-    items = resolve_mixture(args)
-    options = encode_options(args)
-    key = cache_key(items, tokenizer, args)
-    path = Path(args.dataset_local_cache_dir) / key
-    if not args.dataset_skip_cache and (path / COMPLETED_MARKER).exists():
-        log(f"Loading the tokenized mixture from {path}")
-        return _load(path, key), str(path)
-    dataset, stats = build_mixture(items, tokenizer, options, args.seed, args.skip_bad_rows,
-                                   args.max_unmaskable_fraction, args.dataset_num_proc)
-    if args.dataset_skip_cache:
-        return TokenizedMixture(dataset, stats, key), ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(path, dataset, stats)
-    log(f"Cached the tokenized mixture in {path}")
-    return _load(path, key), str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,9 +78,9 @@ def show_example(mixture: TokenizedMixture, tokenizer, log=print) -> None:
         + highlight(segments(tokenizer, ids[0], labels[0]), sys.stdout.isatty()))
 
 
-def prepare(args, tokenizer, log=print) -> tuple[TokenizedMixture, str]:
+def prepare(args, tokenizer, log=print, verify_cache: bool = True) -> tuple[TokenizedMixture, str]:
     """The prepare step shared by this entry point and the trainer: cache, stats, audit, one shown example."""
-    mixture, path = get_mixture(args, tokenizer, log)
+    mixture, path = get_mixture(args, tokenizer, log, verify=verify_cache)
     log("Mixture:\n" + format_stats(mixture.stats))
     if args.audit_file:
         written = write_audit(args.audit_file, mixture, tokenizer, args.audit_num_examples)
@@ -206,7 +91,6 @@ def prepare(args, tokenizer, log=print) -> tuple[TokenizedMixture, str]:
 
 def main(argv: list[str] | None = None) -> None:
     from open_instruct.args import parse_args
-    from open_instruct.evaluation import eval_mixer_args
     from open_instruct.model_utils import ModelSetupError, load_tokenizer
     from open_instruct.source_checks import check_run_sources
 
@@ -217,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         mixture, path = prepare(args, tokenizer)
         if args.eval_dataset_mixer_list:  # the run's eval loss set goes through the same cache
             eval_set, eval_path = get_mixture(eval_mixer_args(args), tokenizer)
-    except (DataError, ModelSetupError) as error:
+    except (DataError, ModelSetupError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"{len(mixture)} examples ready{' in ' + path if path else ''}.")

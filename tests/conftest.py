@@ -109,6 +109,22 @@ def finetune(args: list[str], env: dict | None = None, check: bool = True) -> su
     return run([sys.executable, "-m", "open_instruct.finetune", *with_cache_dir(args)], env=env, check=check)
 
 
+def train_args(model_dir, output_dir, *extra) -> list[str]:
+    """The 6-step run of the resume and fault tests: two sources, global batch 8 in 2 micro-steps, clipping."""
+    return ["--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+            "--dataset_mixer_list", "synthetic:spelling", "96", "synthetic:arithmetic", "32",
+            "--global_batch_size", "8", "--gradient_accumulation_steps", "2", "--learning_rate", "2e-3",
+            "--max_train_steps", "6", "--warmup_ratio", "0.2", "--seed", "1", "--clip_grad_norm", "1.0", *extra]
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_model_dir, tmp_path_factory):
+    """train_args' 6 steps without interruption: what every resumed or stopped single-process run must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    finetune(train_args(tiny_model_dir, out))
+    return out
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
 

@@ -191,6 +191,7 @@ def test_config_flag_without_path_raises():
         (["--global_batch_size", "64", "--max_tokens_per_micro_batch", "1000"], "--max_seq_length"),
         (["--keep_last_n_checkpoints", "2"], "--keep_last_n_checkpoints has no effect without --checkpointing_steps"),
         (["--resume_from_checkpoint", "none", "--force_resume"], "--force_resume"),
+        (["--dataset_skip_cache", "--dataset_cache_on_damage", "stop"], "--dataset_cache_on_damage has no effect"),
     ],
 )
 def test_ignored_flags_are_errors(extra, flag, capsys):
@@ -212,6 +213,7 @@ def test_ignored_flags_are_errors(extra, flag, capsys):
         ["--global_batch_size", "64", "--gradient_accumulation_steps", "4"],
         ["--global_batch_tokens", "65536", "--max_tokens_per_micro_batch", "4096", "--max_seq_length", "4096"],
         ["--checkpointing_steps", "10", "--keep_last_n_checkpoints", "2", "--force_resume"],
+        ["--dataset_cache_on_damage", "stop"],
     ],
 )
 def test_the_same_flags_are_accepted_where_they_apply(extra):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from conftest import REPO, clean_env, finetune, read_metrics, run, with_cache_dir
+from conftest import REPO, clean_env, finetune, read_metrics, run, train_args, with_cache_dir  # noqa: F401
 from open_instruct.checkpointing import (
     COMPLETED_MARKER,
     TRAINER_STATE,
@@ -154,13 +154,6 @@ def test_end_of_turn_tokens_follow_the_chat_template(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Integration: kill, fail, resume
 # ----------------------------------------------------------------------------------------------------------------
-def train_args(model_dir, output_dir, *extra):
-    return ["--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
-            "--dataset_mixer_list", "synthetic:spelling", "96", "synthetic:arithmetic", "32",
-            "--global_batch_size", "8", "--gradient_accumulation_steps", "2", "--learning_rate", "2e-3",
-            "--max_train_steps", "6", "--warmup_ratio", "0.2", "--seed", "1", "--clip_grad_norm", "1.0", *extra]
-
-
 def with_fault(args: list[str], fault: str, step: int, launcher: list[str] | None = None, env: dict | None = None):
     env = clean_env(FAULT=fault, FAULT_STEP=str(step), **(env or {}))
     return run([*(launcher or [sys.executable]), str(REPO / "tests" / "fault_injection.py"), *with_cache_dir(args)],
@@ -182,14 +175,6 @@ def assert_steps_match(resumed_dir, reference_dir) -> None:
         for key in ("train_loss", "grad_norm", "learning_rate"):
             assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
         assert resumed[step]["total_tokens"] == reference[step]["total_tokens"]
-
-
-@pytest.fixture(scope="module")
-def straight_run(tiny_model_dir, tmp_path_factory):
-    """6 steps without interruption: what every resumed single-process run must reproduce."""
-    out = tmp_path_factory.mktemp("straight")
-    finetune(train_args(tiny_model_dir, out))
-    return out
 
 
 LORA = ["--use_lora", "--lora_rank", "8", "--lora_alpha", "16"]  # dropout 0.1: the resumed RNG must match as well

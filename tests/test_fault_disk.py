@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, clean_env, finetune, run, with_cache_dir
+from conftest import REPO, clean_env, finetune, run, train_args, with_cache_dir
 from open_instruct.checkpointing import complete_checkpoints
 from open_instruct.storage import StorageError, failed_write, free_space_problem, is_write_failure, size_text
-from test_checkpointing import step_metrics, straight_run, train_args  # noqa: F401 (fixture)
+from test_checkpointing import step_metrics
 
 pytestmark = pytest.mark.faults
 SIZE = r"[\d.]+ (?:[kMGT]B|B)"

@@ -11,10 +11,9 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from conftest import finetune, read_metrics
+from conftest import finetune, read_metrics, train_args
 from open_instruct import run_lock
 from open_instruct.run_lock import LOCK_NAME, Holder, RunLock, RunLockError, gone_reason
-from test_checkpointing import train_args
 from test_fault_signals import finish, start, wait_for_step
 
 pytestmark = pytest.mark.faults

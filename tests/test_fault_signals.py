@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, clean_env, finetune, run, with_cache_dir
+from conftest import REPO, clean_env, finetune, run, train_args, with_cache_dir
 from open_instruct.checkpointing import complete_checkpoints
 from open_instruct.preemption import (
     EXIT_SECONDS,
@@ -30,7 +30,7 @@ from open_instruct.preemption import (
     parse_slurm_time_left,
     slurm_deadline,
 )
-from test_checkpointing import ZERO3, assert_steps_match, step_metrics, straight_run, train_args  # noqa: F401 (fixture)
+from test_checkpointing import ZERO3, assert_steps_match, step_metrics
 
 pytestmark = pytest.mark.faults
 LAUNCHER = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",

@@ -11,22 +11,20 @@ import sys
 import pytest
 
 from conftest import REPO, clean_env
-from open_instruct import prepare_data
+from open_instruct import data_cache, prepare_data
 from open_instruct.args import parse_args
 from open_instruct.chat_templates import CHAT_TEMPLATES
-from open_instruct.data import DataError, resolve_mixture
-from open_instruct.prepare_data import (
+from open_instruct.data import DataError, SourceStats, resolve_mixture
+from open_instruct.data_cache import (
     COMPLETED_MARKER,
     _save,
     cache_key,
     get_mixture,
-    highlight,
-    prepare,
-    segments,
     source_fingerprint,
     tokenizer_fingerprint,
-    write_audit,
 )
+from open_instruct.manifest import MANIFEST
+from open_instruct.prepare_data import highlight, prepare, segments, write_audit
 from open_instruct.tiny_model import build_tokenizer
 from open_instruct.tokenization import IGNORE_INDEX
 
@@ -109,6 +107,7 @@ def test_cache_key_changes_with_options(tmp_path, tokenizer, chat_file, extra):
         ["--dataset_skip_cache"],
         ["--audit_file", "audit.jsonl"],
         ["--output_dir", "elsewhere"],
+        ["--dataset_cache_on_damage", "stop"],
     ],
 )
 def test_cache_key_ignores_unrelated_flags(tmp_path, tokenizer, chat_file, extra):
@@ -182,7 +181,7 @@ def test_get_mixture_builds_caches_and_loads(tmp_path, tokenizer, chat_file, mon
     mixture, path = get_mixture(args, tokenizer, logs.append)
     assert path == str(tmp_path / "cache" / key)
     assert sorted(os.listdir(tmp_path / "cache")) == [key]
-    assert sorted(os.listdir(path)) == [COMPLETED_MARKER, "dataset", "stats.json"]
+    assert sorted(os.listdir(path)) == [COMPLETED_MARKER, "dataset", MANIFEST, "stats.json"]
     assert logs == [f"Cached the tokenized mixture in {path}"]
     saved_stats = json.loads((pathlib.Path(path) / "stats.json").read_text())
     assert [(s["name"], s["kept_rows"]) for s in saved_stats] == [(chat_file, 3), ("synthetic:spelling", 4)]
@@ -196,7 +195,7 @@ def test_get_mixture_builds_caches_and_loads(tmp_path, tokenizer, chat_file, mon
     def no_build(*args, **kwargs):
         raise AssertionError("the mixture was tokenized again instead of loaded from the cache")
 
-    monkeypatch.setattr(prepare_data, "build_mixture", no_build)
+    monkeypatch.setattr(data_cache, "build_mixture", no_build)
     logs.clear()
     again, again_path = get_mixture(args, tokenizer, logs.append)
     assert again_path == path
@@ -207,13 +206,13 @@ def test_get_mixture_builds_caches_and_loads(tmp_path, tokenizer, chat_file, mon
 
 def test_get_mixture_skip_cache_builds_and_writes_nothing(tmp_path, tokenizer, chat_file, monkeypatch):
     calls = []
-    original = prepare_data.build_mixture
+    original = data_cache.build_mixture
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(prepare_data, "build_mixture", counting)
+    monkeypatch.setattr(data_cache, "build_mixture", counting)
     skip = _args(tmp_path, "--dataset_mixer_list", chat_file, "1.0", "--dataset_skip_cache")
     mixture, path = get_mixture(skip, tokenizer, lambda _: None)
     assert path == "" and len(mixture) == 3 and len(calls) == 1
@@ -269,7 +268,7 @@ def test_interrupted_save_leaves_no_cache(tmp_path, tokenizer, chat_file, monkey
 def test_save_over_a_finished_cache_keeps_it(tmp_path, tokenizer, chat_file):
     mixture, path = get_mixture(_args(tmp_path, "--dataset_mixer_list", chat_file, "1.0"), tokenizer, lambda _: None)
     stats_before = (pathlib.Path(path) / "stats.json").read_text()
-    other = [prepare_data.SourceStats("someone else", "train")]
+    other = [SourceStats("someone else", "train")]
     _save(pathlib.Path(path), mixture.dataset.select([0]), other)  # another process finished first
     assert (pathlib.Path(path) / "stats.json").read_text() == stats_before
     assert os.listdir(tmp_path / "cache") == [pathlib.Path(path).name]
@@ -478,7 +477,7 @@ def test_main_prepares_the_eval_set_the_run_will_read(tmp_path, tiny_model_dir, 
     def no_build(*_, **__):
         raise AssertionError("the eval set should come from the cache")
 
-    monkeypatch.setattr(prepare_data, "build_mixture", no_build)
+    monkeypatch.setattr(data_cache, "build_mixture", no_build)
     args = parse_args(argv)
     eval_set, path = get_mixture(eval_mixer_args(args), load_tokenizer(args), lambda _: None)
     assert len(eval_set) == 7 and path.startswith(str(tmp_path / "cache"))
