@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import clean_env, read_metrics, run
 from slurm_cluster import free_ports
+from test_checkpointing import assert_steps_match
 
 pytestmark = pytest.mark.slurm
 
@@ -43,3 +45,54 @@ def test_mason_runs_the_debug_recipe_as_a_two_node_zero3_slurm_job(slurm_cluster
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     ids = tokenizer("spell cat", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def submit_debug_recipe(slurm_cluster, tiny_model_dir, tmp_path, out, job_name: str, steps: int) -> str:
+    """The debug recipe as a 2-node ZeRO-3 job through mason; returns the job id."""
+    env = {**clean_env(), **slurm_cluster.env}
+    env.update(PYTHON=sys.executable, BACKEND="slurm", NUM_NODES="2", NUM_PROCESSES="1", DS_CONFIG=ZERO3, EVAL="0",
+               OUTPUT_DIR=str(out), TINY_MODEL_DIR=str(tiny_model_dir),
+               MASON_FLAGS=f"--main_process_port {free_ports(1)[0]} --time 00:15:00 --job_name {job_name}")
+    submitted = run(["bash", "scripts/train/debug/finetune.sh", "--max_train_steps", str(steps), "--logging_steps", "1",
+                     "--dataset_local_cache_dir", str(tmp_path / "cache")], env=env)
+    return re.search(r"Submitted job (\d+)", submitted.stdout).group(1)
+
+
+def job_logs(out, job_name: str, job_id: str) -> str:
+    return "".join((out / "logs" / f"{job_name}-{job_id}.{kind}").read_text() for kind in ("out", "err"))
+
+
+def wait_for_logged_step(out, step: int, timeout: float = 300) -> None:
+    metrics, deadline = out / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and sum(line.endswith("}") for line in metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {metrics} within {timeout} s")
+
+
+@pytest.mark.faults
+def test_a_job_told_to_stop_by_slurm_checkpoints_requeues_and_matches_an_uninterrupted_job(slurm_cluster,
+                                                                                          tiny_model_dir, tmp_path):
+    """USR1 to the batch shell, as Slurm sends it --grace_seconds before the time limit (scancel --batch does it by
+    hand): the training saves a checkpoint and stops, the job requeues itself, and the rerun finishes the run."""
+    steps = 30
+    straight_out, out = tmp_path / "straight", tmp_path / "run"
+    straight_id = submit_debug_recipe(slurm_cluster, tiny_model_dir, tmp_path, straight_out, "sft-straight", steps)
+    assert slurm_cluster.wait_for_job(straight_id, timeout=420) == "COMPLETED", job_logs(straight_out, "sft-straight",
+                                                                                         straight_id)[-6000:]
+    job_id = submit_debug_recipe(slurm_cluster, tiny_model_dir, tmp_path, out, "sft-requeue", steps)
+    wait_for_logged_step(out, 3)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    state = slurm_cluster.wait_for_job(job_id, timeout=600)
+    logs = job_logs(out, "sft-requeue", job_id)
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{logs[-6000:]}"
+
+    assert f"job {job_id}: USR1: asking the training to save a checkpoint and stop" in logs
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+) of 30; checkpoint (\S+); rerun the same command", logs)
+    assert stopped and 3 <= int(stopped.group(1)) < steps, logs[-6000:]
+    assert "requeueing the job to continue from it" in logs
+    assert f"job {job_id} (restart 1): 2 node(s)" in logs  # the requeued run, appended to the same log files
+    assert f"Resumed {stopped.group(2)}: continuing at step {int(stopped.group(1)) + 1} of 30" in logs
+    assert slurm_cluster.job_info(job_id)["Restarts"] == "1"
+    assert_steps_match(out, straight_out)  # every step once, the uninterrupted job's losses within 1e-5
