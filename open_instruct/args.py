@@ -523,8 +523,12 @@ def _load_yaml(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise ArgumentError(f"Config file {path} does not exist.")
+    from open_instruct.data import DataError, read_utf8
+
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = yaml.safe_load(read_utf8(file)) or {}
+    except DataError as exc:
+        raise ArgumentError(f"Config file {exc}") from None
     except yaml.YAMLError as exc:
         raise ArgumentError(f"Config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(values, dict):

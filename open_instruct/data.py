@@ -186,7 +186,7 @@ def parse_mixer_file(path: str | Path, default_split: str = "train") -> list[Mix
     if not file.is_file():
         raise DataError(f"Mixture file {path} does not exist.")
     try:
-        spec = yaml.safe_load(file.read_text())  # YAML is a superset of JSON
+        spec = yaml.safe_load(read_utf8(file))  # YAML is a superset of JSON
     except yaml.YAMLError as exc:
         raise DataError(f"Mixture file {path} is not valid YAML/JSON: {exc}") from None
     entries = spec.get("sources") if isinstance(spec, dict) else spec
@@ -282,13 +282,19 @@ def _read_jsonl(path: Path, skipped: Counter | None = None) -> tuple[list[str], 
     return rows, where
 
 
-def _read_json(path: Path) -> tuple[list[str], list[str]]:
-    data = path.read_bytes()
+def read_utf8(path: Path) -> str:
+    """A whole text file; a byte that is not UTF-8 is a DataError naming the file and line."""
+    data = Path(path).read_bytes()
     try:
-        value = json.loads(data.decode("utf-8"))
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}:{line}: {_not_utf8_reason(data, exc)}. Fix or remove the line.") from None
+
+
+def _read_json(path: Path) -> tuple[list[str], list[str]]:
+    try:
+        value = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}).") from None
     if isinstance(value, dict):

@@ -269,6 +269,20 @@ def test_a_yaml_value_of_the_wrong_type_names_the_file_and_key(tmp_path, capsys,
     assert err == f"python -m open_instruct.finetune: error: Config file {config}: {message}\n"
 
 
+def test_a_config_or_mixture_file_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys):
+    from open_instruct.data import DataError, parse_mixer_file
+
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"model_name_or_path: m\nexp_name: caf\xe9\n")
+    err = parse_error([str(config)], capsys)
+    assert err == (f"python -m open_instruct.finetune: error: Config file {config}:2: not valid UTF-8 (byte 0xe9 at "
+                   "column 14: invalid continuation byte). Fix or remove the line.\n")
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_bytes(b"- name: synthetic:spelling\n  amount: 10\n# caf\xe9\n")
+    with pytest.raises(DataError, match=rf"^{mixture}:3: not valid UTF-8 \(byte 0xe9 at column 6"):
+        parse_mixer_file(mixture)
+
+
 def test_a_flag_of_the_wrong_type_keeps_argparse_message(capsys):
     err = parse_error(BASE + ["--learning_rate", "fast"], capsys)
     assert err.strip().endswith("error: argument --learning_rate/--learning-rate: invalid float value: 'fast'")
