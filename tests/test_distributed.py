@@ -12,6 +12,7 @@ outside these bounds.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_two_processes_match_one_process_and_save_full_model(tiny_model_dir, tmp
     finetune([*common(tiny_model_dir), *extra, "--gradient_accumulation_steps", "4", "--output_dir", str(one)])
     # The 2-process run goes through the debug recipe's launcher interface (NUM_PROCESSES, DS_CONFIG, OUTPUT_DIR).
     env = clean_env(NUM_PROCESSES="2", DS_CONFIG=ds_config, OUTPUT_DIR=str(two), TINY_MODEL_DIR=str(tiny_model_dir), EVAL="0",
-                    PYTHON=sys.executable, PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}",
+                    PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{clean_env()['PATH']}",
                     TORCH_EXTENSIONS_DIR=str(extensions_dir_with_a_stale_build_lock(tmp_path)))
     result = run(["bash", "scripts/train/debug/finetune.sh",
                   *with_cache_dir([*common(tiny_model_dir), *extra, "--gradient_accumulation_steps", "2"])], env=env)

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -426,10 +427,10 @@ def test_two_processes_give_the_one_process_eval_metrics(tiny_model_dir, tmp_pat
             "--eval_batch_size", "4", "--eval_every", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     finetune([*args, "--output_dir", str(one)])
-    env = clean_env(PATH=f"{REPO / '.venv' / 'bin'}:{clean_env()['PATH']}")
+    env = clean_env(PATH=f"{Path(sys.executable).parent}:{clean_env()['PATH']}")
     if layout == "zero3":
-        launcher = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",
-                    "--deepspeed_config_file", str(REPO / ZERO3)]
+        launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2",
+                    "--use_deepspeed", "--deepspeed_config_file", str(REPO / ZERO3)]
     else:  # accelerate's launcher starts one process on a CPU-only machine; torchrun starts both (gloo DDP)
         launcher, env["ACCELERATE_USE_CPU"] = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], "true"
     run([*launcher, "-m", "open_instruct.finetune", *with_cache_dir([*args, "--output_dir", str(two)])], env=env,

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO, clean_env
+from open_instruct.storage import StorageError
 from open_instruct import data_cache, prepare_data
 from open_instruct.args import parse_args
 from open_instruct.chat_templates import CHAT_TEMPLATES
@@ -257,7 +258,7 @@ def test_interrupted_save_leaves_no_cache(tmp_path, tokenizer, chat_file, monkey
                 return original(self, *a, **kw)
 
             patch.setattr(pathlib.Path, "write_text", fail_on_stats)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(StorageError, match="Could not write the tokenized cache to .*: no space left on device"):
             get_mixture(args, tokenizer, lambda _: None)
     assert os.listdir(tmp_path / "cache") == []  # neither <key> nor <key>.tmp-*
     mixture, path = get_mixture(args, tokenizer, lambda _: None)
