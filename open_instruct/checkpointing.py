@@ -345,6 +345,7 @@ class Checkpointer:
     uploader: HubUploader | None
     estimate: int  # bytes of a checkpoint before the first one exists
     last_saved_step: int = 0  # the same on every rank: whether a stop needs a save must not differ between ranks
+    last_saved: Path | None = None  # that step's checkpoint (the resumed one may live in another directory)
 
     def save(self, steps_done: int, first_loss: float | None, counters) -> Path:
         trainer_state = {"step": steps_done, "epoch": self.plan.epochs_done(steps_done - 1), "first_loss": first_loss,
@@ -353,7 +354,7 @@ class Checkpointer:
         saved = save_checkpoint(self.accelerator, self.output, steps_done, trainer_state, dataclasses.asdict(self.args),
                                 estimate=self.estimate)
         self.stops.note_save(time.perf_counter() - started)
-        self.last_saved_step = steps_done
+        self.last_saved_step, self.last_saved = steps_done, saved
         if self.uploader and self.args.push_checkpoints:
             self.uploader.upload_checkpoint(saved, steps_done)
         if self.accelerator.is_main_process:  # a checkpoint still uploading is kept until a later prune

@@ -29,7 +29,6 @@ import sys
 import time
 from typing import NoReturn
 
-from open_instruct.checkpointing import checkpoint_dir
 from open_instruct.ranks import any_rank, shut_down_process_group
 
 logger = logging.getLogger(__name__)
@@ -210,7 +209,7 @@ def stop_run(reason: str, steps_done: int, total_steps: int, checkpointer, first
     if steps_done == 0:
         saved = "nothing was trained yet, so nothing was saved"
     elif checkpointer.last_saved_step == steps_done:
-        saved = f"checkpoint {checkpoint_dir(checkpointer.output, steps_done)}"
+        saved = f"checkpoint {checkpointer.last_saved}"
     else:
         saved = f"checkpoint {checkpointer.save(steps_done, first_loss, counters)}"
     if checkpointer.uploader and (dropped := checkpointer.uploader.drop_queued()):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -25,10 +26,12 @@ from open_instruct.checkpointing import complete_checkpoints
 from open_instruct.preemption import (
     EXIT_SECONDS,
     STOPPED_EXIT_CODE,
+    RunStopped,
     StopRequests,
     parse_duration,
     parse_slurm_time_left,
     slurm_deadline,
+    stop_run,
 )
 from test_checkpointing import ZERO3, assert_steps_match, step_metrics
 
@@ -90,6 +93,32 @@ def test_a_recorded_signal_and_a_lost_parent_are_reasons_to_stop(monkeypatch):
     assert stops.local_reason() == "stopped by SIGUSR1"
     monkeypatch.setattr(os, "getppid", lambda: 1)  # reparented: the launcher died
     assert stops.local_reason() == f"stopped because the launcher (pid {stops.parent}) is gone"
+
+
+class FakeCheckpointer:
+    """What stop_run needs of a Checkpointer: the last save, a save, the uploader, the accelerator."""
+
+    def __init__(self, last_saved_step: int, last_saved: Path | None):
+        self.last_saved_step, self.last_saved, self.saves, self.uploader = last_saved_step, last_saved, [], None
+        self.accelerator = SimpleNamespace(end_training=lambda: None)
+
+    def save(self, steps_done, first_loss, counters):
+        self.saves.append(steps_done)
+        return Path(f"/out/checkpoints/step_{steps_done}")
+
+
+def test_a_stop_saves_only_what_no_checkpoint_holds_yet():
+    fresh = FakeCheckpointer(0, None)
+    with pytest.raises(RunStopped, match="^stopped by SIGTERM at step 0 of 9; nothing was trained yet, so nothing was "
+                                         "saved; rerun the same command to continue.$"):
+        stop_run("stopped by SIGTERM", 0, 9, fresh, None, None)
+    resumed = FakeCheckpointer(4, Path("/elsewhere/step_4"))  # stopped right after resuming: that checkpoint is it
+    with pytest.raises(RunStopped, match="at step 4 of 9; checkpoint /elsewhere/step_4;"):
+        stop_run("stopped by SIGTERM", 4, 9, resumed, 1.0, None)
+    assert fresh.saves == resumed.saves == []
+    with pytest.raises(RunStopped, match="at step 6 of 9; checkpoint /out/checkpoints/step_6;") as stopped:
+        stop_run("stopped by SIGTERM", 6, 9, resumed, 1.0, None)
+    assert resumed.saves == [6] and stopped.value.exit_code == STOPPED_EXIT_CODE == 75
 
 
 # ----------------------------------------------------------------------------------------------------------------
