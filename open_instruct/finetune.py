@@ -66,7 +66,7 @@ from open_instruct.model_utils import (
 from open_instruct.optim import build_optimizer, build_scheduler
 from open_instruct.preemption import RunStopped, StopRequests, stop_requests_for, stop_run
 from open_instruct.prepare_data import prepare
-from open_instruct.ranks import main_process_work, shut_down_process_group
+from open_instruct.ranks import exit_process, main_process_work, wait_for_all_ranks
 from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
 from open_instruct.run_lock import RunLock, RunLockError
@@ -511,7 +511,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
                                                                   stats, metrics_log, uploader),
                       (StorageError,), lambda: StorageError(f"The main process could not finish the run in {output}."))
     accelerator.end_training()
-    shut_down_process_group(accelerator)
+    wait_for_all_ranks(accelerator)
     return summary
 
 
@@ -542,15 +542,17 @@ def print_summary(summary: dict) -> None:
 def cli() -> None:
     """Entry point: a user error (bad data, missing login, unusable tokenizer, a full disk) prints one clear line, no
     traceback, exit status 2; a run stopped by a signal or its time budget says how it stopped, exit status 75."""
+    code = 0
     try:
         main()
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except RunStopped as stop:
         if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
             print(str(stop), file=sys.stderr, flush=True)
-        sys.exit(stop.exit_code)
+        code = stop.exit_code
+    exit_process(code)
 
 
 if __name__ == "__main__":

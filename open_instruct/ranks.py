@@ -8,8 +8,11 @@ rank when it failed there.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 
@@ -39,9 +42,27 @@ def main_process_work(accelerator, work: Callable[[], T], errors: tuple[type[Bas
     return result
 
 
-def shut_down_process_group(accelerator) -> None:
-    """Destroy the process group before the interpreter exits: left to exit-time destructors, the communication
-    threads were seen to abort a ZeRO-3 rank ("terminate called without an active exception") after a complete run."""
+def wait_for_all_ranks(accelerator) -> None:
+    """The end of a run: every rank waits for the others. The process group itself is left for the process's exit
+    (`exit_process`), which skips its teardown.
+
+    Tearing gloo's process group down in a finished run failed two ways under load, each seen in our multi-process
+    tests: a rank aborting at interpreter exit ("terminate called without an active exception") and a deadlock, where
+    the main thread joined a gloo worker thread while holding the GIL that the worker needed to free a finished
+    collective's tensor (the group's C++ destructor runs wherever its last reference is dropped, e.g. when the
+    prepared model is freed at the end of `train`).
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`. One that took part in a process group exits at once (os._exit), after flushing
+    what it wrote, so that no destructor tears the communication threads down (see wait_for_all_ranks); the
+    run's files, lock and trackers are finished before this is called."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
