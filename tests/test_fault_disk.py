@@ -126,13 +126,17 @@ def test_a_disk_full_before_the_final_save_is_a_clear_error(tiny_model_dir, tmp_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("step, every, what, intact", [(3, "2", "checkpoint step_[34]", "step_2"),
-                                                     (6, "4", "the final model", "step_4")])
+@pytest.mark.parametrize("step, every, what, intact, extra", [
+    (3, "2", "checkpoint step_[34]", "step_2", []),
+    (6, "4", "the final model", "step_4", []),
+    (6, "4", "the LoRA adapter", "step_4", ["--use_lora", "--lora_rank", "8"]),
+], ids=["checkpoint", "final-model", "lora-adapter"])
 def test_writes_that_fail_inside_the_libraries_are_clear_errors_without_leftovers(tiny_model_dir, tmp_path, small_disk,
-                                                                                 step, every, what, intact):
+                                                                                 step, every, what, intact, extra):
     """With the trainer's own space checks skipped, safetensors and torch.save meet the full disk themselves."""
     out = small_disk("64m") / "run"
-    result = fill_after(train_args(tiny_model_dir, out, "--checkpointing_steps", every), step, skip_space_checks=True)
+    result = fill_after(train_args(tiny_model_dir, out, "--checkpointing_steps", every, *extra), step,
+                        skip_space_checks=True)
     assert_clean_failure(result, out)
     assert re.search(rf"error: Could not write {what} to \S+: no space left on device \({SIZE} free on its disk\)\. "
                      rf"Nothing partial was kept; the newest checkpoint \S+{intact} is intact", result.stderr), \
