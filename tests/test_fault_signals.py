@@ -147,6 +147,8 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        for child in psutil.Process(process.pid).children(recursive=True):  # workers of a launcher too
+            child.kill()
         process.kill()
         raise AssertionError(f"still running after {timeout} s:\n{log.read_text()[-4000:]}") from None
     return log.read_text()
