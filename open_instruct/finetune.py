@@ -66,7 +66,7 @@ from open_instruct.model_utils import (
 from open_instruct.optim import build_optimizer, build_scheduler
 from open_instruct.preemption import RunStopped, StopRequests, stop_requests_for, stop_run
 from open_instruct.prepare_data import prepare
-from open_instruct.ranks import exit_process, main_process_work, wait_for_all_ranks
+from open_instruct.ranks import end_run, exit_process, main_process_work
 from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
 from open_instruct.run_lock import RunLock, RunLockError
@@ -510,8 +510,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
     main_process_work(accelerator, lambda: finish_on_main_process(args, accelerator.num_processes, output, summary,
                                                                   stats, metrics_log, uploader),
                       (StorageError,), lambda: StorageError(f"The main process could not finish the run in {output}."))
-    accelerator.end_training()
-    wait_for_all_ranks(accelerator)
+    end_run(accelerator)
     return summary
 
 

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import NoReturn
 
-from open_instruct.ranks import any_rank, wait_for_all_ranks
+from open_instruct.ranks import any_rank, end_run
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,7 @@ def stop_run(reason: str, steps_done: int, total_steps: int, checkpointer, first
         saved = f"checkpoint {checkpointer.save(steps_done, first_loss, counters)}"
     if checkpointer.uploader and (dropped := checkpointer.uploader.drop_queued()):
         logger.warning("%d queued hub upload(s) were cancelled; their files stay on local disk.", dropped)
-    checkpointer.accelerator.end_training()
-    wait_for_all_ranks(checkpointer.accelerator)
+    end_run(checkpointer.accelerator)
     raise RunStopped(f"{reason} at step {steps_done} of {total_steps}; {saved}; rerun the same command to continue.")
 
 

@@ -42,23 +42,26 @@ def main_process_work(accelerator, work: Callable[[], T], errors: tuple[type[Bas
     return result
 
 
-def wait_for_all_ranks(accelerator) -> None:
-    """The end of a run: every rank waits for the others. The process group itself is left for the process's exit
-    (`exit_process`), which skips its teardown.
+def end_run(accelerator) -> None:
+    """The end of a run: the trackers finish, then every rank waits for the others. The process group itself is left
+    for the process's exit (`exit_process`), which skips its teardown; so this replaces accelerate's end_training(),
+    which destroys the group.
 
     Tearing gloo's process group down in a finished run failed two ways under load, each seen in our multi-process
     tests: a rank aborting at interpreter exit ("terminate called without an active exception") and a deadlock, where
     the main thread joined a gloo worker thread while holding the GIL that the worker needed to free a finished
-    collective's tensor (the group's C++ destructor runs wherever its last reference is dropped, e.g. when the
-    prepared model is freed at the end of `train`).
+    collective's tensor (the group's C++ destructor runs wherever its last reference is dropped: once the group is
+    destroyed, that is when the DDP model is freed at the end of `train`).
     """
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         accelerator.wait_for_everyone()
 
 
 def exit_process(code: int) -> NoReturn:
     """End the process with `code`. One that took part in a process group exits at once (os._exit), after flushing
-    what it wrote, so that no destructor tears the communication threads down (see wait_for_all_ranks); the
+    what it wrote, so that no destructor tears the communication threads down (see end_run); the
     run's files, lock and trackers are finished before this is called."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         logging.shutdown()

@@ -100,7 +100,7 @@ class FakeCheckpointer:
 
     def __init__(self, last_saved_step: int, last_saved: Path | None):
         self.last_saved_step, self.last_saved, self.saves, self.uploader = last_saved_step, last_saved, [], None
-        self.accelerator = SimpleNamespace(end_training=lambda: None)
+        self.accelerator = SimpleNamespace(trackers=[])
 
     def save(self, steps_done, first_loss, counters):
         self.saves.append(steps_done)
