@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from open_instruct.elastic import remove_stale_conversions, universal_dir
 from open_instruct.flops import parameter_numel
 from open_instruct.manifest import (
     COMPLETED_MARKER,
@@ -227,16 +228,10 @@ def resume_problems(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 
 
 def check_resumable(checkpoint: Path, current: dict, force: bool) -> dict:
-    """The checkpoint's trainer state, after checking that it continues this run (see SAME_RUN_SETTINGS)."""
+    """The checkpoint's trainer state, after checking that it continues this run (see SAME_RUN_SETTINGS). The process
+    layout (number of processes, ZeRO stage) may differ: open_instruct/elastic.py carries the state over."""
     state = read_trainer_state(checkpoint)
     saved = state["identity"]
-    if saved["zero_stage"] is not None and (saved["zero_stage"], saved["num_processes"]) != (
-            current["zero_stage"], current["num_processes"]):
-        raise CheckpointError(
-            f"{checkpoint} holds ZeRO-{saved['zero_stage']} optimizer shards of {saved['num_processes']} processes; "
-            f"this run has {current['num_processes']} (ZeRO stage {current['zero_stage']}). DeepSpeed cannot "
-            f"re-partition them: resume with {saved['num_processes']} processes and the same DeepSpeed config."
-        )
     different_run, optimization = resume_problems(saved, current)
     if different_run and not force:
         raise CheckpointError(
@@ -358,6 +353,8 @@ class Checkpointer:
         if self.uploader and self.args.push_checkpoints:
             self.uploader.upload_checkpoint(saved, steps_done)
         if self.accelerator.is_main_process:  # a checkpoint still uploading is kept until a later prune
+            for stale in remove_stale_conversions(self.output, steps_done):
+                logger.info("Removed %s: %s is newer.", stale, saved.name)
             prune_checkpoints(self.output, self.args.keep_last_n_checkpoints,
                               in_use=self.uploader.busy if self.uploader else None)
         return saved
@@ -377,14 +374,6 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int | None, in_use=None
     for path in complete_checkpoints(output_dir)[:-keep_last]:
         if in_use is None or not in_use(path):
             shutil.rmtree(path)
+            shutil.rmtree(universal_dir(path), ignore_errors=True)  # its conversion, if it was ever resumed elsewhere
             removed.append(path)
     return removed
-
-
-def load_checkpoint(accelerator, checkpoint: Path) -> None:
-    """Model, optimizer, scheduler and RNG states from `checkpoint` into the prepared objects (every rank).
-
-    A rank without its own RNG file (more processes than when saved) keeps the seeded state: the data order never
-    depends on it, only dropout would.
-    """
-    accelerator.load_state(str(checkpoint))

@@ -40,7 +40,6 @@ from open_instruct.checkpointing import (
     Checkpointer,
     check_resumable,
     checkpoint_bytes_estimate,
-    load_checkpoint,
     newest_intact_description,
     prune_checkpoints,
     remove_unfinished_saves,
@@ -48,6 +47,15 @@ from open_instruct.checkpointing import (
     verified_checkpoint_to_resume,
 )
 from open_instruct.data import DataError, TokenizedMixture
+from open_instruct.elastic import (
+    TO_DEEPSPEED,
+    ElasticResumeError,
+    Layout,
+    how_to_resume,
+    load_resumed,
+    optimizer_state_order,
+    request_universal_load,
+)
 from open_instruct.evaluation import eval_summary, prepare_evaluation
 from open_instruct.flops import FlopsModel, parameter_numel, peak_flops
 from open_instruct.final_model import check_room, save_final
@@ -75,7 +83,8 @@ from open_instruct.storage import StorageError, failed_write, write_text
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError, LaunchError, StorageError, RunLockError)
+USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError, LaunchError, StorageError, RunLockError,
+               ElasticResumeError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,10 +418,14 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
                 total_steps)
     # Checked before the model loads: a damaged checkpoint (see checkpointing.verified_checkpoint_to_resume) or one
     # of a different run is refused without costing a model load.
-    identity = run_identity(args, mixture.fingerprint, global_batch_description(plan), accelerator.num_processes,
-                            zero_stage(accelerator))
+    layout = Layout(accelerator.num_processes, zero_stage(accelerator))
+    identity = run_identity(args, mixture.fingerprint, global_batch_description(plan), layout.num_processes,
+                            layout.zero_stage)
     resume_from = verified_checkpoint_to_resume(accelerator, args.resume_from_checkpoint, output)
     resumed = check_resumable(resume_from, identity, args.force_resume) if resume_from else None
+    saved_layout = Layout.of(resumed["identity"]) if resumed else layout  # another layout is resharded (elastic.py)
+    if how_to_resume(saved_layout, layout) == TO_DEEPSPEED:
+        request_universal_load(accelerator)
     stats = [vars(s) for s in mixture.stats]
 
     set_seed(args.seed)
@@ -427,6 +440,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
     logger.info("Peak for MFU: %s (%s).", f"{peak / 1e12:.1f} TFLOP/s per device" if peak else "none", peak_source)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate)
     scheduler = build_scheduler(optimizer, total_steps, args)
+    state_order = optimizer_state_order(model, optimizer)  # read before DeepSpeed takes the parameters over
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     vocab_size = accelerator.unwrap_model(model).config.vocab_size
@@ -439,7 +453,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
     counters = RunCounters(accelerator.num_processes)
     start_step, first_loss, last_loss = 0, None, None
     if resumed:
-        load_checkpoint(accelerator, resume_from)
+        load_resumed(accelerator, model, optimizer, scheduler, resume_from, saved_layout, layout, state_order)
         start_step, first_loss = resumed["step"], resumed["first_loss"]
         counters.restore(resumed["counters"])
         logger.info("Resumed %s: continuing at step %d of %d.", resume_from, start_step + 1, total_steps)
