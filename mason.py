@@ -165,6 +165,26 @@ def print_plan(spec: LaunchSpec, layout: Layout, trainer_args, warnings: list[st
         print(f"warning: {warning}")
 
 
+def print_resume_plan(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None) -> None:
+    """Which checkpoint the job will continue, and on which layout (open_instruct/elastic.py reshards it): a job
+    resubmitted with another --num_nodes resumes the run."""
+    from open_instruct.elastic import Layout as ProcessLayout
+    from open_instruct.elastic import resume_plan
+
+    stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) if spec.use_deepspeed else None
+    unit = "GPU" if args.gpus_per_node else "process"
+    if trainer_args.global_batch_tokens is not None:
+        global_batch = f"{trainer_args.global_batch_tokens} tokens"
+    else:  # as the trainer resolves it (finetune.make_plan)
+        examples = trainer_args.global_batch_size or (trainer_args.per_device_train_batch_size
+                                                      * trainer_args.gradient_accumulation_steps * layout.world_size)
+        global_batch = f"{examples} examples"
+    line = resume_plan(trainer_args.output_dir, trainer_args.resume_from_checkpoint,
+                       ProcessLayout(layout.world_size, stage), global_batch, unit)
+    if line:
+        print(f"resume: {line}")
+
+
 def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None) -> None:
     """Print the per-GPU memory plan; refuse a job that clearly can't fit unless --force."""
     from open_instruct.memory_plan import count_parameters, load_model_config, plan_memory
@@ -264,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         check_qlora_layout(trainer_args, spec.use_deepspeed, args.gpus_per_node)
         warnings += check_sources(trainer_args, ask_hub=not args.skip_hub_checks)
         print_plan(spec, layout, trainer_args, warnings)
+        print_resume_plan(args, spec, layout, trainer_args, ds_config)
         check_memory(args, spec, layout, trainer_args, ds_config)
         if args.prepare_data and not args.dry_run:
             run_prepare_data(spec)

@@ -341,9 +341,11 @@ class Checkpointer:
     estimate: int  # bytes of a checkpoint before the first one exists
     last_saved_step: int = 0  # the same on every rank: whether a stop needs a save must not differ between ranks
     last_saved: Path | None = None  # that step's checkpoint (the resumed one may live in another directory)
+    total_steps: int | None = None  # recorded for mason's plan of a resubmitted job ("resuming step N of M")
 
     def save(self, steps_done: int, first_loss: float | None, counters) -> Path:
-        trainer_state = {"step": steps_done, "epoch": self.plan.epochs_done(steps_done - 1), "first_loss": first_loss,
+        trainer_state = {"step": steps_done, "total_steps": self.total_steps,
+                         "epoch": self.plan.epochs_done(steps_done - 1), "first_loss": first_loss,
                          "counters": counters.state(), "identity": self.identity}
         started = time.perf_counter()
         saved = save_checkpoint(self.accelerator, self.output, steps_done, trainer_state, dataclasses.asdict(self.args),

@@ -124,7 +124,7 @@ def load_resumed(accelerator, model, optimizer, scheduler, checkpoint: Path, sav
             logger.info("Resuming %s, written by %s, on %s: whole tensors load on any layout.", checkpoint.name, saved,
                         current)
         return
-    universal = universal_checkpoint(accelerator, checkpoint, saved, state_order)
+    universal = universal_checkpoint(accelerator, checkpoint, saved, state_order, shaped=current.zero_stage in (1, 2))
     started = time.perf_counter()
     if how == TO_DEEPSPEED:
         load_into_deepspeed(model, optimizer, universal)
@@ -156,17 +156,24 @@ def load_into_deepspeed(engine, optimizer, universal: Path) -> None:
 
 def repair_universal_load(engine, optimizer, universal: Path) -> None:
     """Undo two faults of DeepSpeed's ZeRO-3 universal load (0.19.8), so that the resumed run matches one that never
-    stopped (tests/test_elastic.py catches both):
+    stopped (tests/test_elastic.py catches both)."""
+    separate_step_counters(engine)
+    restore_group_settings(optimizer, universal)
 
-    - It gives every parameter group the same step tensor. AdamW adds 1 to it in place once per group, so from the
-      second group on, every step after the resume used a bias correction for a later step.
-    - It gives every group the first group's settings, which would decay biases and norms like weights and give LoRA
-      adapters the base learning rate. A same-layout load restores each group's own, and so does this.
-    """
+
+def separate_step_counters(engine) -> None:
+    """DeepSpeed gives every parameter group one shared step tensor. AdamW adds 1 to it in place once per group, so
+    from the second group on, every step after the resume used the bias correction of a later step."""
     base_optimizer = getattr(engine.optimizer, "optimizer", None)  # torch's AdamW under the ZeRO optimizer
     for state in (base_optimizer.state.values() if base_optimizer is not None else []):
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+
+
+def restore_group_settings(optimizer, universal: Path) -> None:
+    """DeepSpeed gives every parameter group the first group's settings, which would decay biases and norms like
+    weights and give LoRA adapters the base learning rate. A same-layout load restores each group's own (learning
+    rate, weight decay, betas), and so does this."""
     saved_groups = read_optimizer_globals(universal)["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise ElasticResumeError(f"{universal} has {len(saved_groups)} optimizer parameter groups, this run "
@@ -185,7 +192,6 @@ def load_into_whole_tensors(accelerator, model, optimizer, universal: Path, stat
     zero = universal / TAG / "zero"
     parameters = dict(accelerator.unwrap_model(model).named_parameters())
     saved = read_optimizer_globals(universal)
-    common_step = saved.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step")  # ZeRO-3 keeps one
     state = {}
     with torch.no_grad():
         for index, name in enumerate(state_order):
@@ -194,7 +200,7 @@ def load_into_whole_tensors(accelerator, model, optimizer, universal: Path, stat
                 raise ElasticResumeError(f"{universal} has no state for parameter {name}: it was converted from "
                                          "another model. Delete it and run the same command again.")
             parameter.copy_(_universal_tensor(folder / "fp32.pt").view(parameter.shape))
-            step = torch.load(folder / "step.pt", weights_only=False) if (folder / "step.pt").is_file() else common_step
+            step = torch.load(folder / "step.pt", weights_only=False)  # every parameter has one (loadable_by_any_stage)
             state[index] = {"step": torch.as_tensor(float(step), dtype=torch.float32),
                             **{key: _universal_tensor(folder / f"{key}.pt").view(parameter.shape).to(parameter.device)
                                for key in ("exp_avg", "exp_avg_sq")}}
@@ -224,10 +230,12 @@ def source_stamp(checkpoint: Path) -> str:
     return "unverified"
 
 
-def universal_checkpoint(accelerator, checkpoint: Path, saved: Layout, state_order: list[str]) -> Path:
+def universal_checkpoint(accelerator, checkpoint: Path, saved: Layout, state_order: list[str], shaped: bool) -> Path:
     """The checkpoint's universal conversion: reused when one of this checkpoint is intact, else written crash-safely
-    (global rank 0 converts; the ranks hash the result into its manifest). Every rank calls it."""
-    target, stamp = universal_dir(checkpoint), source_stamp(checkpoint)
+    (global rank 0 converts; the ranks hash the result into its manifest). Every rank calls it. `shaped`: every
+    tensor in its parameter's shape, which ZeRO-1/2 need (ZeRO-3's converter writes them flat)."""
+    target = universal_dir(checkpoint)
+    stamp = source_stamp(checkpoint) + (" shaped" if shaped else "")
     if from_main_process(accelerator, lambda: _marker_stamp(target) == stamp):
         problems = folder_problems(target, accelerator)
         if not problems:
@@ -238,7 +246,7 @@ def universal_checkpoint(accelerator, checkpoint: Path, saved: Layout, state_ord
             logger.warning("The universal conversion %s is damaged (%s): converting %s again.", target,
                            describe(problems), checkpoint.name)
     tmp = target.with_name(target.name + ".tmp")
-    seconds = main_process_work(accelerator, lambda: _convert(checkpoint, tmp, saved, state_order),
+    seconds = main_process_work(accelerator, lambda: _convert(checkpoint, tmp, saved, state_order, shaped),
                                 (ElasticResumeError, StorageError),
                                 lambda: ElasticResumeError(f"The main process could not convert {checkpoint}."))
     try:
@@ -277,7 +285,7 @@ def _intact(checkpoint: Path) -> str:
     return f"{checkpoint} itself is untouched and the same command converts it again"
 
 
-def _convert(checkpoint: Path, tmp: Path, saved: Layout, state_order: list[str]) -> float:
+def _convert(checkpoint: Path, tmp: Path, saved: Layout, state_order: list[str], shaped: bool) -> float:
     """Write the conversion into `tmp` (global rank 0). Returns the seconds it took."""
     started = time.perf_counter()
     problem = free_space_problem(checkpoint.parent, _folder_bytes(checkpoint), "a universal conversion")
@@ -290,10 +298,9 @@ def _convert(checkpoint: Path, tmp: Path, saved: Layout, state_order: list[str])
             run_ds_to_universal(checkpoint / TAG, tmp / TAG)
         else:
             write_universal_from_whole_tensors(checkpoint, tmp / TAG, state_order)
-        for name in MODEL_STATES:  # either ZeRO stage can then load it
-            if not (tmp / TAG / name).is_file():
-                shutil.copy2(next(tmp / TAG / other for other in MODEL_STATES if (tmp / TAG / other).is_file()),
-                             tmp / TAG / name)
+        loadable_by_any_stage(tmp / TAG)
+        if shaped:
+            shape_flat_tensors(tmp / TAG)
     except Exception as error:  # every failure becomes one the other ranks hear of (main_process_work)
         shutil.rmtree(tmp, ignore_errors=True)
         if is_write_failure(error):
@@ -305,13 +312,59 @@ def _convert(checkpoint: Path, tmp: Path, saved: Layout, state_order: list[str])
     return time.perf_counter() - started
 
 
+def loadable_by_any_stage(folder: Path) -> None:
+    """Fill in what the other ZeRO stage's universal loader reads, so that a ZeRO-2 checkpoint resumes under ZeRO-3
+    and back. ZeRO-3 reads the model-states file of partition rank 0, one step for all parameters and
+    `optimizer_state_dict`'s parameter groups; ZeRO-1/2 read the model-parallel rank's model-states file, a step per
+    parameter, top-level parameter groups and the DeepSpeed version. ds_to_universal writes one stage's set. The
+    ZeRO-3 converter also copies rank 0's whole optimizer partition into optimizer_state.pt, which no loader reads:
+    it is dropped (for N processes it is 1/N of the checkpoint)."""
+    import deepspeed
+
+    for name in MODEL_STATES:
+        if not (folder / name).is_file():
+            shutil.copy2(next(folder / other for other in MODEL_STATES if (folder / other).is_file()), folder / name)
+    zero = folder / "zero"
+    globals_path = zero / "optimizer_state.pt"
+    saved = torch.load(globals_path, map_location="cpu", weights_only=False)
+    parameters = sorted(path for path in zero.iterdir() if path.is_dir())
+    step = saved.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step")
+    if step is None:
+        step = torch.load(parameters[0] / "step.pt", weights_only=False)
+    for parameter in parameters:
+        if not (parameter / "step.pt").is_file():
+            torch.save(torch.as_tensor(step), parameter / "step.pt")
+    groups = saved.get("param_groups") or saved["optimizer_state_dict"]["param_groups"]
+    saved.pop("fp32_flat_groups", None)
+    saved.update({"optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
+                  "param_groups": groups})
+    saved.setdefault("ds_version", deepspeed.__version__)
+    torch.save(saved, globals_path)
+
+
+def shape_flat_tensors(folder: Path) -> None:
+    """Give ZeRO-3's flat universal tensors their parameters' shapes (from the model-states file) in the
+    {"param": tensor} form of ZeRO-1/2's loader, which compares each tensor's shape with its parameter's."""
+    states = torch.load(folder / MODEL_STATES[0], map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in states.get("param_shapes") or [] for name, shape in group.items()}
+    for name, shape in shapes.items():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            path = folder / "zero" / name / f"{key}.pt"
+            stored = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(stored, dict) or stored["param"].shape != shape:
+                tensor = stored["param"] if isinstance(stored, dict) else stored
+                torch.save({"param": tensor.view(shape)}, path)
+
+
 def run_ds_to_universal(source: Path, target: Path) -> None:
     """DeepSpeed's converter, in a process of its own: it forks workers, which a process holding communication
-    threads should not do, and its memory is returned when it ends."""
+    threads should not do, and its memory is returned when it ends. `--inject_missing_state` supplies (in memory) the
+    universal-checkpoint version record that Megatron-DeepSpeed writes and other clients, accelerate among them, do
+    not: without it a ZeRO-1/2 checkpoint is refused (DeepSpeed#5405)."""
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
                "--output_folder", str(target), "--num_extract_workers", str(workers),
-               "--num_merge_workers", str(max(1, workers // 2))]
+               "--num_merge_workers", str(max(1, workers // 2)), "--inject_missing_state"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         output = (result.stderr or result.stdout).strip().splitlines()
@@ -333,7 +386,6 @@ def write_universal_from_whole_tensors(checkpoint: Path, target: Path, state_ord
         raise ElasticResumeError(f"{checkpoint / 'optimizer.bin'} holds state for another set of trainable "
                                  "parameters than this run's model (another model or LoRA setting).")
     zero = target / "zero"
-    steps = set()
     for index, name in enumerate(state_order):
         if name not in weights or index not in optimizer["state"]:
             raise ElasticResumeError(f"{checkpoint} has no {'weight' if name not in weights else 'optimizer state'} "
@@ -345,13 +397,11 @@ def write_universal_from_whole_tensors(checkpoint: Path, target: Path, state_ord
         for key in ("exp_avg", "exp_avg_sq"):
             torch.save({"param": entry[key].float()}, folder / f"{key}.pt")
         torch.save(entry["step"], folder / "step.pt")
-        steps.add(float(entry["step"]))
-    step = torch.tensor(steps.pop() if len(steps) == 1 else max(steps))
-    groups = optimizer["param_groups"]
-    torch.save({"optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
-                "param_groups": groups, "ds_version": deepspeed.__version__}, zero / "optimizer_state.pt")
-    counters = {"module": None, "dp_world_size": 1, "mp_world_size": 1, "global_steps": int(step),
-                "global_samples": 0, "skipped_steps": 0, "lr_scheduler": None, "ds_version": deepspeed.__version__}
+    torch.save({"param_groups": optimizer["param_groups"], "ds_version": deepspeed.__version__},
+               zero / "optimizer_state.pt")
+    step = int(optimizer["state"][0]["step"])
+    counters = {"module": None, "dp_world_size": 1, "mp_world_size": 1, "global_steps": step, "global_samples": 0,
+                "skipped_steps": 0, "lr_scheduler": None, "ds_version": deepspeed.__version__}
     torch.save(counters, target / MODEL_STATES[0])
 
 
@@ -377,3 +427,52 @@ def remove_stale_conversions(output_dir: Path, newest_step: int) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             stale.append(path)
     return stale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Before a job starts (mason's plan)
+# ----------------------------------------------------------------------------------------------------------------
+def resume_plan(output_dir: str | Path, resume_from_checkpoint: str, current: Layout, global_batch: str,
+                unit: str = "process") -> str | None:
+    """What a job submitted with this layout will resume, as mason's plan shows it: `resuming step 4 of 6 from a
+    64-GPU checkpoint (step_3) on 48 GPUs (...)`. `global_batch` is the job's ("128 examples", "65536 tokens"): when
+    it differs from the checkpoint's, the line says the resume will be refused and how to keep it. None when the job
+    starts from scratch or nothing can be read from here (the trainer decides again when it starts, after checking
+    the checkpoint's files)."""
+    import json
+
+    if resume_from_checkpoint == "none":
+        return None
+    checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint != "auto" else _newest_complete(output_dir)
+    if checkpoint is None:
+        return None
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        saved = Layout.of(state["identity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    of_total = f" of {state['total_steps']}" if state.get("total_steps") else ""
+    count = f"{current.num_processes} {unit}" + ("" if current.num_processes == 1 else "es" if unit.endswith("s") else "s")
+    line = (f"resuming step {state['step'] + 1}{of_total} from a {saved.num_processes}-{unit} checkpoint "
+            f"({checkpoint.name}) on {count}")
+    saved_batch = state["identity"].get("global_batch")
+    if saved_batch and saved_batch != global_batch:
+        count, kind = saved_batch.split(" ", 1)
+        flag = "--global_batch_tokens" if kind == "tokens" else "--global_batch_size"
+        return (f"{line}: refused when the job starts, its global batch is {global_batch}, the checkpoint's "
+                f"{saved_batch}. Add `-- {flag} {count}` to keep the run's.")
+    try:
+        how = how_to_resume(saved, current)
+    except ElasticResumeError as error:
+        return f"{line}: refused when the job starts. {error}"
+    if how == AS_SAVED:
+        return line
+    stage = lambda layout: f"ZeRO-{layout.zero_stage}" if layout.sharded else "no DeepSpeed"  # noqa: E731
+    return (f"{line} ({stage(saved)} -> {stage(current)}: converted to a universal checkpoint when the job starts, "
+            "then resharded)")
+
+
+def _newest_complete(output_dir: str | Path) -> Path | None:
+    steps = [int(path.name[len("step_"):]) for path in (Path(output_dir) / "checkpoints").glob("step_*")
+             if path.name[len("step_"):].isdigit() and (path / COMPLETED_MARKER).is_file()]
+    return Path(output_dir) / "checkpoints" / f"step_{max(steps)}" if steps else None

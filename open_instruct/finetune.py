@@ -459,7 +459,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
         logger.info("Resumed %s: continuing at step %d of %d.", resume_from, start_step + 1, total_steps)
     checkpointer = Checkpointer(args, accelerator, output, plan, identity, stops, uploader,
                                 estimate=checkpoint_bytes_estimate(model), last_saved_step=start_step,
-                                last_saved=resume_from)
+                                last_saved=resume_from, total_steps=total_steps)
     stops.expect_checkpoint_bytes(checkpointer.estimate)
     record_run(args, accelerator, output, stats)
     metrics_log = MetricsLogger(accelerator, output, args.with_tracking, resumed_step=start_step,

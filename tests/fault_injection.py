@@ -11,6 +11,12 @@ FAULT:
     fill_disk         after optimizer step FAULT_STEP a file (OUTPUT_DIR/filler) fills the disk of the output
                       directory, so every later write meets a real ENOSPC; with FAULT_SKIP_SPACE_CHECKS=1 the
                       trainer's own free-space checks are skipped, so the libraries' writes fail instead.
+
+Mutations of resuming on another layout (open_instruct/elastic.py), which the parity tests must catch:
+    drop_moment       the universal conversion loses Adam's first moment (every exp_avg zeroed).
+    wrong_shard       DeepSpeed's universal load gives each rank the next rank's partition of every tensor.
+    shared_step       the repair of DeepSpeed's shared step counter is skipped.
+    first_group_settings  the repair of the parameter groups' settings is skipped (all take the first group's).
 Nothing here is imported by the trainer: the faults patch it from outside.
 """
 
@@ -58,7 +64,47 @@ def after_step(step: int, action) -> None:
     finetune.train_step = counted_train_step
 
 
+def mutate_elastic_resume() -> None:
+    import torch
+
+    import open_instruct.elastic as elastic
+
+    if FAULT == "drop_moment":
+        convert = elastic.run_ds_to_universal
+
+        def convert_without_first_moment(source, target):
+            convert(source, target)
+            for path in Path(target, "zero").glob("*/exp_avg.pt"):
+                stored = torch.load(path, weights_only=False)
+                tensor = stored["param"] if isinstance(stored, dict) else stored
+                torch.save(torch.zeros_like(tensor), path)
+
+        elastic.run_ds_to_universal = convert_without_first_moment
+    elif FAULT == "wrong_shard":
+        import deepspeed.comm as dist
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        load, get_rank = DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state, dist.get_rank
+
+        def load_next_ranks_partition(self, *args, **kwargs):
+            dist.get_rank = lambda group=None: (get_rank(group=group) + 1) % dist.get_world_size(group=group)
+            try:
+                return load(self, *args, **kwargs)
+            finally:
+                dist.get_rank = get_rank
+
+        DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state = load_next_ranks_partition
+    elif FAULT == "shared_step":
+        elastic.separate_step_counters = lambda engine: None
+    else:
+        assert FAULT == "first_group_settings", FAULT
+        elastic.restore_group_settings = lambda optimizer, universal: None
+
+
 def inject() -> None:
+    if FAULT in ("drop_moment", "wrong_shard", "shared_step", "first_group_settings"):
+        mutate_elastic_resume()
+        return
     if FAULT == "fill_disk":
         output = Path(sys.argv[sys.argv.index("--output_dir") + 1])
         after_step(STEP, lambda: fill_disk(output))

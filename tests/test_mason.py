@@ -394,3 +394,28 @@ def test_gpu_memory_gb_sets_the_limit_of_the_memory_plan(tmp_path):
     assert "fits in 80" in mason(*command).stdout
     small = mason("--gpu_memory_gb", "8", *command, check=False)
     assert small.returncode == 2 and "more than --gpu_memory_gb 8 allows" in small.stderr
+
+
+def test_a_job_resubmitted_on_fewer_nodes_shows_the_resume_in_its_plan(tmp_path):
+    """The checkpoint of a 64-GPU ZeRO-3 run, resubmitted on 6 nodes: the plan says what the job will resume
+    (the resharding itself: tests/test_elastic.py)."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_300"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETED").write_text("{}")
+    (checkpoint / "trainer_state.json").write_text(
+        '{"step": 300, "total_steps": 1000, "identity": {"num_processes": 64, "zero_stage": 3, '
+        '"global_batch": "128 examples"}}')
+    command = ["--", "accelerate", "launch", "--use_deepspeed", "--deepspeed_config_file", ZERO3, *TRAINER,
+               "--output_dir", str(tmp_path / "run"), "--gradient_accumulation_steps", "2"]  # 1 x 2 x 64 = 128
+    per_device = mason("--backend", "print", "--num_nodes", "6", "--gpus_per_node", "8", "--skip_hub_checks", *command)
+    assert ("refused when the job starts, its global batch is 96 examples, the checkpoint's 128 examples. Add "
+            "`-- --global_batch_size 128` to keep the run's.") in per_device.stdout
+    command += ["--global_batch_size", "128"]
+    fewer = mason("--backend", "print", "--num_nodes", "6", "--gpus_per_node", "8", "--skip_hub_checks", *command)
+    assert ("resume: resuming step 301 of 1000 from a 64-GPU checkpoint (step_300) on 48 GPUs (ZeRO-3 -> ZeRO-3: "
+            "converted to a universal checkpoint when the job starts, then resharded)") in fewer.stdout
+    same = mason("--backend", "print", "--num_nodes", "8", "--gpus_per_node", "8", "--skip_hub_checks", *command)
+    assert "resume: resuming step 301 of 1000 from a 64-GPU checkpoint (step_300) on 64 GPUs\n" in same.stdout
+    command[command.index("--output_dir") + 1] = str(tmp_path / "new_run")
+    fresh = mason("--backend", "print", "--num_nodes", "8", "--gpus_per_node", "8", "--skip_hub_checks", *command)
+    assert "resume:" not in fresh.stdout
