@@ -71,6 +71,13 @@ def test_the_optimizer_state_order_follows_the_parameter_groups():
     assert optimizer_state_order(model, optimizer) == ["0.weight", "1.weight", "0.bias", "1.bias"]
 
 
+def test_a_conversion_killed_midway_is_cleared_at_the_next_start(tmp_path):
+    from open_instruct.checkpointing import remove_unfinished_saves
+
+    (tmp_path / "checkpoints" / "step_3.universal.tmp" / "pytorch_model").mkdir(parents=True)
+    assert [p.name for p in remove_unfinished_saves(tmp_path)] == ["step_3.universal.tmp"]
+
+
 def test_conversions_of_older_checkpoints_are_removed(tmp_path):
     root = tmp_path / "checkpoints"
     for name in ("step_3", "step_3.universal", "step_6.universal", "step_9.universal", "step_12"):
