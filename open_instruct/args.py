@@ -120,6 +120,13 @@ class FinetuneArgs:
         "--max_seq_length), filled by best-fit-decreasing, so the number of micro-steps per optimizer step follows "
         "from the data. Needs --global_batch_size or --global_batch_tokens; replaces --gradient_accumulation_steps.",
     )
+    sequence_parallel_size: int = _field(
+        1,
+        "Processes that share every packed row (DeepSpeed Ulysses sequence parallelism, for rows too long for one "
+        "GPU's activations): each holds 1/N of the row, and attention exchanges heads for sequence. The data-parallel "
+        "degree is processes / N; the global batch stays the same. Needs DeepSpeed, padding-free rows and an attention "
+        "kernel that finds packed examples from position_ids. 1: off. See docs/finetune.md, Sequence parallelism.",
+    )
     loss_reduction: Literal["mean", "sum"] = _field(
         "mean",
         "mean: the sum of token losses divided by the trained tokens of the whole global batch (every token weighs "
@@ -333,7 +340,7 @@ def validate(args: FinetuneArgs) -> None:
                       "--dataset_mixer_list synthetic:spelling 1.0")
     for name in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                  "num_train_epochs", "max_train_steps", "global_batch_size", "global_batch_tokens",
-                 "max_tokens_per_micro_batch"):
+                 "max_tokens_per_micro_batch", "sequence_parallel_size"):
         value = getattr(args, name)  # the optional ones are None when not given
         if value is not None and value < 1:
             errors.append(f"--{name} must be at least 1, got {value}.")
@@ -505,6 +512,9 @@ def _batch_layout_errors(args: FinetuneArgs) -> list[str]:
     if by_total and _changed(args, "per_device_train_batch_size"):
         errors.append("--per_device_train_batch_size has no effect with --global_batch_size/--global_batch_tokens "
                       "(the global batch is split over processes and micro-steps by tokens).")
+    if args.sequence_parallel_size > 1 and not args.padding_free:
+        errors.append(f"--sequence_parallel_size {args.sequence_parallel_size} splits packed rows, so it needs "
+                      "--padding_free.")
     if args.max_tokens_per_micro_batch is not None:
         if not args.padding_free:
             errors.append("--max_tokens_per_micro_batch packs rows, so it needs --padding_free.")

@@ -72,19 +72,21 @@ from open_instruct.model_utils import (
     pad_token_id,
 )
 from open_instruct.optim import build_optimizer, build_scheduler
+from open_instruct.parallel_dims import ParallelDims, ParallelLayoutError  # noqa: F401 (user errors)
 from open_instruct.preemption import RunStopped, StopRequests, stop_requests_for, stop_run
 from open_instruct.prepare_data import prepare
 from open_instruct.ranks import end_run, exit_process, main_process_work
 from open_instruct.report import write_run_report
 from open_instruct.run_info import node_name, write_run_record
 from open_instruct.run_lock import RunLock, RunLockError
+from open_instruct.sequence_parallel import launched_dims, parallelism_config, shard_row
 from open_instruct.source_checks import check_run_sources
 from open_instruct.storage import StorageError, failed_write, write_text
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 USER_ERRORS = (DataError, hub.HubError, ModelSetupError, CheckpointError, LaunchError, StorageError, RunLockError,
-               ElasticResumeError)
+               ElasticResumeError, ParallelLayoutError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,6 +130,7 @@ def check_deepspeed_config_file() -> None:
 
 def build_accelerator(args: FinetuneArgs) -> Accelerator:
     check_deepspeed_config_file()
+    dims = launched_dims(args)  # sequence parallelism's start-up errors come here, before the data or the model
     handlers = [InitProcessGroupKwargs(timeout=timedelta(hours=2))]
     if not torch.cuda.is_available():
         skip_deepspeed_cpu_inference_comm()
@@ -138,6 +141,7 @@ def build_accelerator(args: FinetuneArgs) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with="wandb" if args.with_tracking else None,
         kwargs_handlers=handlers,
+        parallelism_config=parallelism_config(dims, attention_implementation(args.attn_implementation)),
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
@@ -157,7 +161,9 @@ def configure_deepspeed(accelerator: Accelerator, args: FinetuneArgs) -> None:
     wanted = {
         "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+        # DeepSpeed counts micro-batches per data-parallel replica: a sequence-parallel group shares each one
+        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * accelerator.num_processes // args.sequence_parallel_size,
         "gradient_clipping": args.clip_grad_norm if args.clip_grad_norm > 0 else 0.0,
     }
     for key, value in wanted.items():
@@ -252,14 +258,14 @@ def global_batch_description(plan: BatchPlan) -> str:
     return f"{plan.global_batch_size} examples" if plan.global_batch_size else f"{plan.global_batch_tokens} tokens"
 
 
-def make_plan(args: FinetuneArgs, accelerator: Accelerator, mixture: TokenizedMixture) -> tuple[BatchPlan, int]:
+def make_plan(args: FinetuneArgs, dims: ParallelDims, mixture: TokenizedMixture) -> tuple[BatchPlan, int]:
     if args.global_batch_tokens is not None:
         plan = BatchPlan(len(mixture), None, args.seed, global_batch_tokens=args.global_batch_tokens,
                          lengths=mixture.lengths)
         size = f"{args.global_batch_tokens} tokens"
     else:
         examples = args.global_batch_size or (
-            args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * dims.data_parallel)
         plan, size = BatchPlan(len(mixture), examples, args.seed), f"{examples} examples"
     if plan.steps_per_epoch == 0:
         raise ValueError(
@@ -273,15 +279,19 @@ def make_plan(args: FinetuneArgs, accelerator: Accelerator, mixture: TokenizedMi
 # ----------------------------------------------------------------------------------------------------------------
 # One optimizer step
 # ----------------------------------------------------------------------------------------------------------------
-def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: FinetuneArgs, accelerator: Accelerator,
+def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: FinetuneArgs, dims: ParallelDims,
                   pad_id: int) -> list[dict]:
-    """This process's micro-batches of optimizer step `step` (see batching.split_global_batch)."""
+    """This process's micro-batches of optimizer step `step`: its data-parallel replica's share of the global batch
+    (see batching.split_global_batch) and, under sequence parallelism, its piece of each row (shard_row)."""
     row_tokens = args.max_tokens_per_micro_batch if args.padding_free else None
-    split = split_global_batch(plan.global_batch(step), mixture.lengths, accelerator.num_processes,
+    split = split_global_batch(plan.global_batch(step), mixture.lengths, dims.data_parallel,
                                args.gradient_accumulation_steps, trained=mixture.trained_lengths,
                                micro_batch_tokens=row_tokens, padded=not args.padding_free)
-    return [collate(*mixture.examples(share), args.padding_free, pad_id) if share else collate([], [], True, pad_id)
-            for share in split[accelerator.process_index]]
+    batches = [collate(*mixture.examples(share), args.padding_free, pad_id) if share else collate([], [], True, pad_id)
+               for share in split[dims.dp_rank]]
+    if dims.sp_enabled:
+        batches = [shard_row(batch, dims.sequence_parallel, dims.sp_rank, pad_id) for batch in batches]
+    return batches
 
 
 def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], args: FinetuneArgs) -> dict:
@@ -412,7 +422,8 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
         mixture, _ = prepare(args, tokenizer, log=logger.info if accelerator.is_main_process else lambda _: None,
                              verify_cache=accelerator.is_local_main_process)
     mixture, evaluator = prepare_evaluation(args, tokenizer, accelerator, mixture)  # less --eval_fraction's share
-    plan, total_steps = make_plan(args, accelerator, mixture)
+    dims = ParallelDims(accelerator.num_processes, args.sequence_parallel_size, accelerator.process_index)
+    plan, total_steps = make_plan(args, dims, mixture)
     logger.info("%d examples, global batch %s, %d steps in the first epoch (%d examples left out of it), %d steps.",
                 len(mixture), global_batch_description(plan), plan.steps_per_epoch, plan.dropped_per_epoch(),
                 total_steps)
@@ -475,7 +486,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
             stop_run(reason, step, total_steps, checkpointer, first_loss, counters)
         learning_rate = scheduler.get_last_lr()[0]
         started = time.perf_counter()
-        batches = micro_batches(mixture, plan, step, args, accelerator, pad_id)
+        batches = micro_batches(mixture, plan, step, args, dims, pad_id)
         counters.data_seconds += time.perf_counter() - started
         result = train_step(accelerator, model, optimizer, batches, args)
         scheduler.step()
