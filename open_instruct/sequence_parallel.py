@@ -112,4 +112,6 @@ def parallelism_config(dims: ParallelDims, attn_implementation: str):
     # function (packed_sdpa is registered with transformers' AttentionInterface). sdpa itself would be wrong here:
     # without a mask it attends across packed examples.
     handler.sp_attn_implementation = attn_implementation
-    return ParallelismConfig(sp_backend="deepspeed", sp_size=dims.sequence_parallel, sp_handler=handler)
+    # accelerate sizes DeepSpeed's train_batch_size from the data-parallel size it is given (ZeRO shards over it)
+    return ParallelismConfig(sp_backend="deepspeed", sp_size=dims.sequence_parallel, sp_handler=handler,
+                             dp_shard_size=dims.data_parallel)

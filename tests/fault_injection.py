@@ -17,6 +17,9 @@ Mutations of resuming on another layout (open_instruct/elastic.py), which the pa
     wrong_shard       DeepSpeed's universal load gives each rank the next rank's partition of every tensor.
     shared_step       the repair of DeepSpeed's shared step counter is skipped.
     first_group_settings  the repair of the parameter groups' settings is skipped (all take the first group's).
+Mutations of sequence parallelism (open_instruct/sequence_parallel.py), which its parity test must catch:
+    sp_shift_after_split  every rank shifts its piece's targets once more (open-instruct's #1549 double shift).
+    sp_count_per_rank     every rank counts the whole row's trained tokens, so each token is counted N times.
 Nothing here is imported by the trainer: the faults patch it from outside.
 """
 
@@ -101,7 +104,29 @@ def mutate_elastic_resume() -> None:
         elastic.restore_group_settings = lambda optimizer, universal: None
 
 
+def mutate_sequence_parallel() -> None:
+    import torch
+
+    shard_row = finetune.shard_row
+
+    def mutated_shard_row(batch, parts, index, pad_token_id):
+        piece = shard_row(batch, parts, index, pad_token_id)
+        if FAULT == "sp_shift_after_split":
+            targets = piece["target_ids"]
+            piece["target_ids"] = torch.cat([targets[:, 1:], torch.full_like(targets[:, :1], -100)], dim=1)
+            piece["num_trained_tokens"] = int((piece["target_ids"] != -100).sum())
+        else:
+            assert FAULT == "sp_count_per_rank", FAULT
+            piece["num_trained_tokens"] = batch["num_trained_tokens"]
+        return piece
+
+    finetune.shard_row = mutated_shard_row
+
+
 def inject() -> None:
+    if FAULT in ("sp_shift_after_split", "sp_count_per_rank"):
+        mutate_sequence_parallel()
+        return
     if FAULT in ("drop_moment", "wrong_shard", "shared_step", "first_group_settings"):
         mutate_elastic_resume()
         return

@@ -274,16 +274,17 @@ def test_trainer_cuts_micro_batches_into_rows_of_max_tokens_per_micro_batch():
 
     from open_instruct.args import FinetuneArgs
     from open_instruct.finetune import micro_batches
+    from open_instruct.parallel_dims import ParallelDims
 
     rng = np.random.default_rng(8)
     ids = [rng.integers(1, 50, size=n).astype(np.int32) for n in rng.integers(20, 200, size=40)]
     mixture = SimpleNamespace(lengths=np.array([len(x) for x in ids]), trained_lengths=np.array([len(x) // 2 for x in ids]),
                               examples=lambda indices: ([ids[i] for i in indices], [ids[i] for i in indices]))
-    accelerator = SimpleNamespace(num_processes=1, process_index=0)
+    one_process = ParallelDims(world_size=1)
     plan = BatchPlan(40, 16, seed=0)
     common = dict(model_name_or_path="m", dataset_mixer_list=["x", "1"], max_seq_length=256, global_batch_size=16)
-    rows = micro_batches(mixture, plan, 0, FinetuneArgs(**common, max_tokens_per_micro_batch=256), accelerator, 0)
-    single = micro_batches(mixture, plan, 0, FinetuneArgs(**common), accelerator, 0)
+    rows = micro_batches(mixture, plan, 0, FinetuneArgs(**common, max_tokens_per_micro_batch=256), one_process, 0)
+    single = micro_batches(mixture, plan, 0, FinetuneArgs(**common), one_process, 0)
     assert len(single) == 1 and single[0]["num_tokens"] > 256
     assert len(rows) > 1 and all(batch["input_ids"].shape == (1, batch["num_tokens"]) for batch in rows)
     assert all(batch["num_tokens"] <= 256 for batch in rows)
