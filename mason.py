@@ -177,7 +177,8 @@ def print_resume_plan(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer
         global_batch = f"{trainer_args.global_batch_tokens} tokens"
     else:  # as the trainer resolves it (finetune.make_plan)
         examples = trainer_args.global_batch_size or (trainer_args.per_device_train_batch_size
-                                                      * trainer_args.gradient_accumulation_steps * layout.world_size)
+                                                      * trainer_args.gradient_accumulation_steps * layout.world_size
+                                                      // trainer_args.sequence_parallel_size)
         global_batch = f"{examples} examples"
     line = resume_plan(trainer_args.output_dir, trainer_args.resume_from_checkpoint,
                        ProcessLayout(layout.world_size, stage), global_batch, unit)

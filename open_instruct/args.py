@@ -646,6 +646,9 @@ def describe_global_batch(args: FinetuneArgs, num_processes: int | None) -> str:
                   "steps")
     if num_processes is None:
         return f"{per_device} x the number of processes, in examples per optimizer step"
-    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
-    return (f"{per_device} x {num_processes} process{'es' if num_processes != 1 else ''} = {total} examples per "
-            "optimizer step")
+    replicas = num_processes // args.sequence_parallel_size  # a sequence-parallel group trains one share together
+    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * replicas
+    who = (f"{replicas} data-parallel replica{'s' if replicas != 1 else ''} ({num_processes} processes / sequence "
+           f"parallel {args.sequence_parallel_size})" if args.sequence_parallel_size > 1
+           else f"{num_processes} process{'es' if num_processes != 1 else ''}")
+    return f"{per_device} x {who} = {total} examples per optimizer step"

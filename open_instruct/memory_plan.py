@@ -325,7 +325,11 @@ def plan_memory(args: FinetuneArgs, config, num_params: int, world_size: int, ds
         components["DDP gradient buckets"] = share(grad_bytes, False)
     if stage >= 1:
         components["ZeRO buffers"] = _zero_buffers(zero, stage, config, weight_bytes, grad_bytes)
-    tokens = tokens_per_micro_batch(args, world_size)
+    # Sequence parallelism: a row is cut over N ranks, each keeping 1/N of its tokens (attention holds the whole row
+    # for H/N heads: the same bytes). The rows come from the world / N data-parallel replicas' shares.
+    n = args.sequence_parallel_size
+    row_tokens = tokens_per_micro_batch(args, world_size // n)
+    tokens = math.ceil(row_tokens / n)
     components["activations"] = activations_bytes(config, args, tokens, act_bytes, hidden_bytes=weight_bytes)
     components["loss logits"] = logits_bytes(config, args, tokens, act_bytes)
 
@@ -335,7 +339,9 @@ def plan_memory(args: FinetuneArgs, config, num_params: int, world_size: int, ds
                   f"{trainable / 1e6:.1f}M trainable parameters")
     loss = f"chunked loss, {args.loss_chunk_size} rows" if args.use_liger_kernel else "unfused loss"
     note = (f"{num_params / 1e9:.2f}B parameters, {world_size} GPUs, {setup}, {'bf16' if half else 'fp32'}; "
-            f"{tokens} tokens per micro-batch, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+            + (f"{tokens} of each {row_tokens}-token row per GPU (sequence parallel {n}), " if n > 1
+               else f"{tokens} tokens per micro-batch, ")
+            + f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
             f"{loss}")
     return MemoryPlan(components, cpu, gpus_per_node, [note])
 

@@ -251,3 +251,41 @@ def test_qlora_fits_llama_8b_on_one_24gb_gpu_where_full_fine_tuning_does_not_fit
     assert qlora.fits(24) and not qlora.fits(8)
     assert plan_memory(parse_args(BASE + one_gpu + ["--use_lora"]), config, n, 1, None).fits(80)
     assert not plan_memory(parse_args(BASE + one_gpu), config, n, 1, None).fits(80)
+
+
+def olmo_2_7b() -> Olmo2Config:
+    return Olmo2Config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       vocab_size=100352, tie_word_embeddings=False)
+
+
+def test_sequence_parallelism_divides_activations_and_logits_per_gpu():
+    config, args = tiny_config(), parse_args(BASE + ["--max_seq_length", "512", "--global_batch_size", "8",
+                                                      "--max_tokens_per_micro_batch", "1024"])
+    sp = parse_args(BASE + ["--max_seq_length", "512", "--global_batch_size", "8", "--max_tokens_per_micro_batch",
+                            "1024", "--sequence_parallel_size", "4"])
+    one, four = (plan_memory(a, config, count_parameters(config), 8, ds(3)) for a in (args, sp))
+    assert four.components["activations"] == pytest.approx(one.components["activations"] / 4, rel=0.01)
+    assert four.components["loss logits"] == pytest.approx(one.components["loss logits"] / 4, rel=0.01)
+    assert four.components["optimizer states"] == one.components["optimizer states"]  # ZeRO shards over all 8
+    assert "256 of each 1024-token row per GPU (sequence parallel 4)" in four.assumptions[0]
+
+
+def test_olmo_2_7b_at_32k_tokens_per_row_without_recomputation_fits_80gb_from_sequence_parallel_2():
+    """The plan docs/finetune.md quotes (scripts/train/olmo2/finetune_7b_32k.sh): OLMo-2 7B, rows of 32,768 tokens,
+    64 GPUs, ZeRO-3, bf16, the chunked loss. Without gradient checkpointing one GPU would keep every layer's
+    activations of the row (about 134 GB): N=2 halves them (69 GB) and fits, so the run skips the recomputation. With
+    gradient checkpointing the estimate fits even N=1 (17 GB)."""
+    config = olmo_2_7b()
+    totals = {}
+    for checkpointing in (False, True):
+        for n in (1, 2, 4, 8):
+            args = parse_args(BASE + ["--max_seq_length", "32768", "--global_batch_size", "64",
+                                      "--max_tokens_per_micro_batch", "32768", "--use_liger_kernel",
+                                      "--sequence_parallel_size", str(n)]
+                              + (["--gradient_checkpointing"] if checkpointing else []))
+            plan = plan_memory(args, config, count_parameters(config), 64,
+                               ds_file("stage3_no_offloading_accelerate.conf"))
+            totals[checkpointing, n] = (round(plan.total_bytes / GiB, 1), plan.fits(80))
+    assert [totals[False, n][1] for n in (1, 2, 4, 8)] == [False, True, True, True], totals
+    assert totals[False, 1][0] > 2 * 60 and totals[False, 2][0] < 80
+    assert all(totals[True, n][1] for n in (1, 2, 4, 8)), totals
