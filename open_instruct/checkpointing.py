@@ -72,6 +72,7 @@ SAME_RUN_SETTINGS = (
 OPTIMIZATION_SETTINGS = (
     "learning_rate", "lr_scheduler_type", "warmup_ratio", "final_lr_ratio", "warmdown_ratio", "weight_decay",
     "clip_grad_norm", "loss_reduction", "num_train_epochs", "max_train_steps", "lora_dropout", "lora_learning_rate",
+    "sequence_parallel_size",  # how rows are cut over ranks: the same examples and the same sums (test_sequence_parallel)
 )
 
 

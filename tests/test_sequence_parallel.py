@@ -182,6 +182,22 @@ def test_a_killed_sequence_parallel_run_resumes_as_if_it_never_stopped(tiny_mode
 
 
 @pytest.mark.multiprocess
+def test_a_checkpoint_of_two_ranks_sharing_rows_resumes_as_two_data_parallel_ranks(tiny_model_dir, tmp_path,
+                                                                                   one_process):
+    """Another N on the same processes: ZeRO shards over every process whatever N is, and the global batches do not
+    depend on N, so the checkpoint loads as saved and the run continues the same optimization."""
+    out = tmp_path / "other_n"
+    args = [*sp_args(tiny_model_dir, out), "--checkpointing_steps", "2"]
+    killed = launch_sp(2, args, fault="kill_after_save", check=False, FAULT_STEP="2")
+    assert killed.returncode != 0 and (out / "checkpoints" / "step_2" / "COMPLETED").is_file()
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",
+                "--deepspeed_config_file", str(REPO / ZERO3), "-m", "open_instruct.finetune"]
+    resumed = run([*launcher, *with_cache_dir(args)])  # the same command without --sequence_parallel_size
+    assert "changed setting: --sequence_parallel_size: checkpoint 2, now 1" in resumed.stderr
+    assert largest_difference(read_metrics(out), one_process()) < 1e-5
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mutation", ["sp_shift_after_split", "sp_count_per_rank"])
 def test_each_mutation_of_the_row_split_is_caught(tiny_model_dir, tmp_path, one_process, mutation):
     out = tmp_path / "mutated"
