@@ -69,21 +69,40 @@ def launched_dims(args) -> ParallelDims:
 
         with loading("--model_name_or_path", args.model_name_or_path, "the model's config"):
             config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision)
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        check_sequence_parallel(dims, config, attention_implementation(args.attn_implementation), deepspeed,
-                                args.padding_free)
+        check_sequence_parallel(dims, config, attention_implementation(args.attn_implementation),
+                                launched_zero_stage(), args.padding_free)
     return dims
 
 
-def check_sequence_parallel(dims: ParallelDims, model_config, attn_implementation: str, deepspeed: bool,
+def launched_zero_stage() -> int | None:
+    """The ZeRO stage accelerate launch hands the workers (its DeepSpeed config file, else --zero_stage); None
+    without DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none":
+        from open_instruct.launch import read_deepspeed_config
+
+        return int(read_deepspeed_config(path).get("zero_optimization", {}).get("stage", 0))
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))  # accelerate's own default
+
+
+def check_sequence_parallel(dims: ParallelDims, model_config, attn_implementation: str, zero_stage: int | None,
                             padding_free: bool) -> None:
-    """Start-up errors, before the model loads: each says which flag to change."""
+    """Start-up errors, before the model loads: each says which flag to change. `zero_stage`: None without
+    DeepSpeed."""
     if not dims.sp_enabled:
         return
     n = dims.sequence_parallel
-    if not deepspeed:
+    if zero_stage is None:
         raise ParallelLayoutError(f"--sequence_parallel_size {n} runs through DeepSpeed's Ulysses: launch with "
-                                  "--use_deepspeed and a ZeRO-2 or ZeRO-3 config.")
+                                  "--use_deepspeed and a ZeRO-3 config (configs/ds_configs/stage3_*).")
+    if zero_stage != 3:
+        # Measured: under ZeRO-2 the gradients came out twice too large with N=2 (the logged gradient norm doubled;
+        # Adam's scale invariance hid it in the loss), so only ZeRO-3, whose sums are exact, is allowed.
+        raise ParallelLayoutError(f"--sequence_parallel_size {n} needs DeepSpeed ZeRO-3; this launch uses ZeRO stage "
+                                  f"{zero_stage}, which scales sequence-parallel gradients wrongly. Use "
+                                  "configs/ds_configs/stage3_no_offloading_accelerate.conf.")
     if not padding_free:
         raise ParallelLayoutError(f"--sequence_parallel_size {n} splits packed rows; padded batches are not supported: "
                                   "drop --no_padding_free.")

@@ -83,19 +83,31 @@ def config(heads=4, kv_heads=2):
     return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads)
 
 
-@pytest.mark.parametrize("dims, cfg, attn, deepspeed, padding_free, message", [
-    (ParallelDims(4, 2), config(), "packed_sdpa", False, True, "--use_deepspeed"),
-    (ParallelDims(4, 2), config(), "packed_sdpa", True, False, "padded batches are not supported"),
-    (ParallelDims(4, 2), config(), "sdpa", True, True, "packed examples would attend to each other"),
-    (ParallelDims(4, 4), config(heads=6, kv_heads=2), "packed_sdpa", True, True, "must divide the model's 6 attention"),
-    (ParallelDims(6, 3), config(heads=6, kv_heads=2), "packed_sdpa", True, True, "3 and the model's 2 key/value"),
+@pytest.mark.parametrize("dims, cfg, attn, zero_stage, padding_free, message", [
+    (ParallelDims(4, 2), config(), "packed_sdpa", None, True, "--use_deepspeed"),
+    (ParallelDims(4, 2), config(), "packed_sdpa", 2, True, "needs DeepSpeed ZeRO-3; this launch uses ZeRO stage 2"),
+    (ParallelDims(4, 2), config(), "packed_sdpa", 3, False, "padded batches are not supported"),
+    (ParallelDims(4, 2), config(), "sdpa", 3, True, "packed examples would attend to each other"),
+    (ParallelDims(4, 4), config(heads=6, kv_heads=2), "packed_sdpa", 3, True, "must divide the model's 6 attention"),
+    (ParallelDims(6, 3), config(heads=6, kv_heads=2), "packed_sdpa", 3, True, "3 and the model's 2 key/value"),
 ])
-def test_layouts_that_cannot_work_are_refused_with_the_flag_to_change(dims, cfg, attn, deepspeed, padding_free,
+def test_layouts_that_cannot_work_are_refused_with_the_flag_to_change(dims, cfg, attn, zero_stage, padding_free,
                                                                       message):
     with pytest.raises(ParallelLayoutError, match=message):
-        check_sequence_parallel(dims, cfg, attn, deepspeed, padding_free)
-    check_sequence_parallel(ParallelDims(4, 2), config(), "packed_sdpa", True, True)  # a layout that works
-    check_sequence_parallel(ParallelDims(4, 4), config(heads=4, kv_heads=2), "flash_attention_2", True, True)
+        check_sequence_parallel(dims, cfg, attn, zero_stage, padding_free)
+    check_sequence_parallel(ParallelDims(4, 2), config(), "packed_sdpa", 3, True)  # a layout that works
+    check_sequence_parallel(ParallelDims(4, 4), config(heads=4, kv_heads=2), "flash_attention_2", 3, True)
+
+
+@pytest.mark.multiprocess
+def test_zero2_under_sequence_parallelism_is_refused_before_anything_loads(tiny_model_dir, tmp_path):
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",
+                "--deepspeed_config_file", str(REPO / "configs/ds_configs/stage2_no_offloading_accelerate.conf"),
+                "-m", "open_instruct.finetune"]
+    result = run([*launcher, *with_cache_dir(sp_args(tiny_model_dir, tmp_path / "z2")), "--sequence_parallel_size",
+                  "2"], check=False)
+    assert result.returncode != 0 and "needs DeepSpeed ZeRO-3; this launch uses ZeRO stage 2" in result.stderr
+    assert not (tmp_path / "z2" / "metrics.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
