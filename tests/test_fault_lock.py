@@ -102,7 +102,9 @@ def test_releasing_leaves_a_lock_that_another_run_took_over(tmp_path):
 def test_a_second_run_into_a_running_runs_directory_is_refused(tiny_model_dir, tmp_path):
     out, log = tmp_path / "run", tmp_path / "log"
     args = train_args(tiny_model_dir, out)
-    first = start(args, 0.5, log=log)
+    # 3 s per step: the first run must still be training when the second one (imports alone take seconds on a busy
+    # 2-core machine) reaches the lock; with 0.5 s the first once finished first under load and the second trained.
+    first = start(args, 3.0, log=log)
     wait_for_step(out, 1, first)
     second = finetune(args, check=False)
     assert second.returncode == 2 and "Traceback" not in second.stderr
