@@ -79,6 +79,12 @@ class FinetuneArgs:
         "Which tokens have a loss: every assistant turn's content and end marker (assistant), only the last "
         "assistant turn (last_assistant), or every token (all).",
     )
+    train_reasoning: Literal["all_turns", "last_turn"] = _field(
+        "all_turns",
+        "Which assistant turns' reasoning (reasoning_content or <think> blocks) has a loss, where the chat template "
+        "renders it: every turn (all_turns), or only the last assistant turn's, leaving earlier turns' reasoning as "
+        "context (last_turn). Templates that drop earlier reasoning (qwen3) render it only in the last turns anyway.",
+    )
     add_bos: bool = _field(False, "Prepend the tokenizer's bos token to each example (when the template does not).")
     skip_bad_rows: bool = _field(
         False, "Skip malformed rows, and JSONL lines that are not UTF-8 or not JSON (counted and reported per "

@@ -1,13 +1,15 @@
 """Chat templates by name, as Jinja strings that `tokenizer.apply_chat_template` renders, and the tokens that end an
-assistant turn under a template (where generation stops).
+assistant turn under a template (where generation stops). The templates for reasoning and tool calls (qwen3,
+hermes, olmo3_instruct, olmo3_think, llama3_tools) live in open_instruct/tool_templates.py.
 
-Every template here satisfies the property the loss mask relies on: rendering the first k messages (with the
-generation prompt when the next message is the assistant's) gives a prefix of rendering all of them. The
-assistant's trained span is therefore [render(messages[:i], generation prompt), render(messages[:i+1])): its
-content and the end-of-turn marker, never the role header.
+An assistant turn's trained text is what follows its role header (the generation prompt) through its end-of-turn
+marker; open_instruct/turn_spans.py finds it in the full render without assuming that the template renders
+prefixes of a conversation as prefixes (qwen3 does not).
 """
 
 from __future__ import annotations
+
+from open_instruct.tool_templates import TOOL_TEMPLATES
 
 # Layouts (`eos` is the tokenizer's eos_token, `bos` its bos_token; "header" = what the generation prompt renders):
 #     tulu         <|role|>\ncontent\n; assistant: <|assistant|>\ncontent + eos, then \n only if a message follows
@@ -114,6 +116,7 @@ CHAT_TEMPLATES: dict[str, str] = {
     "olmo": OLMO,
     "llama3": LLAMA3,
     "zephyr": ZEPHYR,
+    **TOOL_TEMPLATES,
 }
 
 

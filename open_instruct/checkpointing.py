@@ -63,7 +63,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 SAME_RUN_SETTINGS = (
     "model_name_or_path", "model_revision", "tokenizer_name_or_path", "tokenizer_revision", "chat_template_name",
     "dataset_mixer_list", "dataset_mixer_list_splits", "dataset_mixer_file", "max_seq_length", "truncation",
-    "train_on", "add_bos", "skip_bad_rows", "max_unmaskable_fraction", "seed", "use_liger_kernel",
+    "train_on", "train_reasoning", "add_bos", "skip_bad_rows", "max_unmaskable_fraction", "seed", "use_liger_kernel",
     "eval_fraction",  # the held-out share is taken out of training: another fraction trains on other examples
     # which weights train, and the adapters' shape and scale: another value is another model
     "use_lora", "use_qlora", "lora_rank", "lora_alpha", "lora_target_modules", "lora_modules_to_save",

@@ -25,13 +25,15 @@ import numpy as np
 import yaml
 
 from open_instruct import formats, synthetic
+from open_instruct.chat_schema import conversation_counts
 from open_instruct.tokenization import (
     Encoded,
     TemplateMaskError,
     backend,
     labels_from_offsets,
     num_trained_tokens,
-    trained_spans,
+    spans_and_highlights,
+    token_ranges,
     truncated,
 )
 
@@ -45,7 +47,9 @@ def _encoded_features():
     from datasets import Features, List, Value
 
     return Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "num_tokens": Value("int32"),
-                     "num_trained_tokens": Value("int32"), "status": Value("string"), "error": Value("string")})
+                     "num_trained_tokens": Value("int32"), "status": Value("string"), "error": Value("string"),
+                     "has_reasoning": Value("int8"), "has_tool_calls": Value("int8"), "tool_results": Value("int32"),
+                     "highlights": List(Value("int32"))})
 
 
 class DataError(ValueError):
@@ -81,6 +85,7 @@ class EncodeOptions:
     train_on: str = "assistant"
     truncation: str = "whole_turns"
     add_bos: bool = False
+    train_reasoning: str = "all_turns"
 
 
 @dataclass
@@ -95,6 +100,9 @@ class SourceStats:
     trained_tokens: int = 0
     truncated: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    rows_with_reasoning: int = 0  # kept rows with an assistant reasoning trace
+    rows_with_tool_calls: int = 0  # kept rows with at least one tool call
+    tool_results: int = 0  # tool messages in the kept rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,36 +407,49 @@ def encode_batch(batch: dict, tokenizer, fmt: str, columns: dict | None, options
 
     Rendering and span finding run per row; the whole batch is tokenized in one Rust call.
     """
-    out = {"input_ids": [], "labels": [], "num_tokens": [], "num_trained_tokens": [], "status": [], "error": []}
+    out = {"input_ids": [], "labels": [], "num_tokens": [], "num_trained_tokens": [], "status": [], "error": [],
+           "has_reasoning": [], "has_tool_calls": [], "tool_results": [], "highlights": []}
 
-    def emit(input_ids, labels, status, error=""):
+    def emit(input_ids, labels, status, error="", counts=(0, 0, 0), highlights=()):
         trained = num_trained_tokens(labels[1:])  # the first token is never predicted
         if status in KEPT_STATUSES and trained == 0:
             input_ids, labels, status = [], [], "no_trained_tokens"
-        for key, value in zip(out, (input_ids, labels, len(input_ids), trained if input_ids else 0, status, error)):
+        flat = [value for first, last, kind in highlights if first < len(input_ids)
+                for value in (first, min(last, len(input_ids)), kind)]
+        values = (input_ids, labels, len(input_ids), trained if input_ids else 0, status, error, *counts, flat)
+        for key, value in zip(out, values):
             out[key].append(value)
 
-    rendered = []  # (row position, messages, text, spans) of rows that rendered
+    rendered = []  # (messages, tools, text, spans) of rows that rendered; (None, None, status, error) of the others
     for position in range(len(next(iter(batch.values())))):
         try:
-            messages = formats.to_messages(decode_row(_row_at(batch, position)), fmt, columns)
-            rendered.append((position, messages, *trained_spans(tokenizer, messages, options["train_on"],
-                                                                 options["add_bos"])))
+            messages, tools = formats.to_chat(decode_row(_row_at(batch, position)), fmt, columns)
+            text, spans, highlights = spans_and_highlights(tokenizer, messages, options["add_bos"], tools,
+                                                           options["train_reasoning"])
+            spans = [(0, len(text))] if options["train_on"] == "all" else spans
+            spans = spans[-1:] if options["train_on"] == "last_assistant" else spans
+            rendered.append((messages, tools, text, (spans, highlights)))
         except formats.RowError as exc:
-            rendered.append((position, None, "bad_row", str(exc)))
+            rendered.append((None, None, "bad_row", str(exc)))
         except TemplateMaskError as exc:
-            rendered.append((position, None, "mask_error", str(exc)))
-    texts = [entry[2] for entry in rendered if entry[1] is not None]
+            rendered.append((None, None, "mask_error", str(exc)))
+    texts = [entry[2] for entry in rendered if entry[0] is not None]
     encodings = iter(backend(tokenizer).encode_batch(texts, add_special_tokens=False))
-    for _position, messages, text_or_status, spans_or_error in rendered:
+    for messages, tools, text_or_status, spans_or_error in rendered:
         if messages is None:
             emit([], [], text_or_status, spans_or_error)
             continue
         encoding = next(encodings)
-        full = Encoded(list(encoding.ids), labels_from_offsets(encoding.ids, encoding.offsets, spans_or_error))
+        spans, highlights = spans_or_error
+        full = Encoded(list(encoding.ids), labels_from_offsets(encoding.ids, encoding.offsets, spans))
         result = truncated(tokenizer, messages, full, options["max_seq_length"], options["train_on"],
-                           options["truncation"], options["add_bos"])
-        emit(result.input_ids, result.labels, result.status)
+                           options["truncation"], options["add_bos"], tools, options["train_reasoning"])
+        # Highlights are token ranges of the full encoding: valid for it and for a cut of it, not for a re-encoded
+        # shorter conversation (whole_turns), which the audit then shows without them.
+        ranges = [] if result.status == "whole_turns" else [
+            (*tokens, kind) for tokens, (*_, kind) in zip(token_ranges(encoding.offsets, [h[:2] for h in highlights]),
+                                                     highlights)]
+        emit(result.input_ids, result.labels, result.status, counts=conversation_counts(messages), highlights=ranges)
     return out
 
 
@@ -475,7 +496,11 @@ def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: Enc
     stats.kept_rows = len(kept)
     stats.tokens = int(_column(encoded, "num_tokens").sum())
     stats.trained_tokens = int(_column(encoded, "num_trained_tokens").sum())
-    return encoded.select(kept).select_columns(["input_ids", "labels", "num_tokens", "num_trained_tokens"]), stats
+    stats.rows_with_reasoning = int(_column(encoded, "has_reasoning")[kept].sum())
+    stats.rows_with_tool_calls = int(_column(encoded, "has_tool_calls")[kept].sum())
+    stats.tool_results = int(_column(encoded, "tool_results")[kept].sum())
+    columns = ["input_ids", "labels", "num_tokens", "num_trained_tokens", "highlights"]
+    return encoded.select(kept).select_columns(columns), stats
 
 
 def _column(dataset, name: str) -> np.ndarray:
@@ -550,12 +575,21 @@ class TokenizedMixture:
         batch = self.dataset[[int(i) for i in rows]]
         return list(batch["input_ids"]), list(batch["labels"])
 
+    def highlights(self, index: int) -> list[tuple[int, int, int]]:
+        """(first, last token, kind code) of the reasoning and tool-call spans of one example (for the audit)."""
+        row = int(index if self.rows is None else self.rows[index])
+        flat = [int(x) for x in self.dataset[row]["highlights"]] if "highlights" in self.dataset.column_names else []
+        return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
 
 def format_stats(stats: list[SourceStats]) -> str:
     lines = [f"{'source':<40} {'format':<17} {'rows':>8} {'sampled':>8} {'kept':>8} {'tokens':>10} {'trained':>10}"
-             "  truncated / dropped"]
+             "  truncated / dropped / reasoning and tools"]
     for s in stats:
-        notes = ", ".join(f"{k}={v}" for k, v in {**s.truncated, **s.dropped}.items()) or "-"
+        chat = {"rows with reasoning": s.rows_with_reasoning, "rows with tool calls": s.rows_with_tool_calls,
+                "tool results": s.tool_results}
+        notes = ", ".join([f"{k}={v}" for k, v in {**s.truncated, **s.dropped}.items()]
+                          + [f"{k}: {v}" for k, v in chat.items() if v]) or "-"
         lines.append(f"{s.name + ' (' + s.split + ')':<40} {s.format:<17} {s.source_rows:>8} {s.sampled_rows:>8} "
                      f"{s.kept_rows:>8} {s.tokens:>10} {s.trained_tokens:>10}  {notes}")
     return "\n".join(lines)

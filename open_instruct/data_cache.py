@@ -44,11 +44,11 @@ from open_instruct.manifest import (
 from open_instruct.storage import failed_write
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = "3"  # bump when the meaning of a cached example changes
+CACHE_VERSION = "4"  # bump when the meaning of a cached example changes
 
 
 def encode_options(args) -> EncodeOptions:
-    return EncodeOptions(args.max_seq_length, args.train_on, args.truncation, args.add_bos)
+    return EncodeOptions(args.max_seq_length, args.train_on, args.truncation, args.add_bos, args.train_reasoning)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ and after the last step, on every process (DeepSpeed ZeRO-3 included).
 
     eval_loss            sum of token losses over the trained tokens of the loss set / number of those tokens
     eval_bits_per_byte   the same token-loss sum in bits (nats / ln 2) / UTF-8 bytes of those tokens' text
-    eval/<task>_accuracy greedy exact match (synthetic tasks) or highest-log-likelihood option (mc:<file.jsonl>)
+    eval/<task>_accuracy greedy generation scored as open_instruct/generation_tasks.py says (synthetic tasks:
+                         exact match; tool_calc: tool_calc_call and tool_calc_answer) or highest-log-likelihood
+                         option (mc:<file.jsonl>)
     eval/centered_accuracy  mean over tasks of (accuracy - chance) / (1 - chance) (ChatCORE-style)
 
 The loss set is --eval_dataset_mixer_list (tokenized and masked like training data) or --eval_fraction of the
@@ -30,20 +32,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from open_instruct import synthetic
 from open_instruct.batching import collate
 from open_instruct.chat_templates import end_of_turn_token_ids
 from open_instruct.data import DataError, MixerItem, TokenizedMixture, jsonl_values, parse_mixer
 from open_instruct.data_cache import get_mixture
 from open_instruct.loss import token_loss_sum
 from open_instruct.model_utils import ChunkedLossModel, pad_token_id
-from open_instruct.tokenization import IGNORE_INDEX, bos_prefix, encode_messages, render
+from open_instruct.generation_tasks import GenerationTask, generation_tasks
+from open_instruct.tokenization import IGNORE_INDEX, encode_messages
 
 logger = logging.getLogger(__name__)
 MC_PREFIX = "mc:"
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-GENERATION_SLACK = 8  # new tokens allowed beyond the longest answer: room for the end-of-turn marker, and no more
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,20 +207,6 @@ def mc_messages(question: ChoiceQuestion, option: int) -> list[dict]:
 
 
 @dataclass
-class GenerationTask:
-    """Greedy generation, scored by exact match of the reply with the answer. Chance is 0."""
-
-    name: str
-    prompts: list[list[int]]  # the rendered user turn plus the assistant header, tokenized
-    answers: list[str]
-    max_new_tokens: int
-    chance: float = 0.0
-
-    def __len__(self) -> int:
-        return len(self.answers)
-
-
-@dataclass
 class ChoiceTask:
     """Multiple choice, scored by the log-likelihood of each option as the assistant reply (the sum over its
     trained tokens: content and end-of-turn marker, not length-normalized). Chance is the mean of 1/choices."""
@@ -234,18 +221,6 @@ class ChoiceTask:
 
     def __len__(self) -> int:
         return len(self.questions)
-
-
-def generation_task(name: str, tokenizer, limit: int | None, add_bos: bool) -> GenerationTask:
-    """The first `limit` rows of a synthetic task's held-out test split (fixed order, independent of the seed)."""
-    rows = synthetic.load_task(name, "test")[:limit]
-    prompts, answers = [], []
-    for row in rows:
-        text = render(tokenizer, row["messages"][:1], add_generation_prompt=True)
-        prompts.append(tokenizer(bos_prefix(tokenizer, text, add_bos) + text, add_special_tokens=False).input_ids)
-        answers.append(row["messages"][1]["content"])
-    longest = max(len(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers)
-    return GenerationTask(name, prompts, answers, longest + GENERATION_SLACK)
 
 
 def choice_task(spec: str, tokenizer, limit: int | None, add_bos: bool) -> ChoiceTask:
@@ -320,8 +295,10 @@ class Evaluator:
         limit, seed = args.eval_max_examples, args.seed
         if loss_set is not None:
             loss_set = loss_set.subset(sample_rows(len(loss_set), limit, seed))
-        tasks = [choice_task(t, tokenizer, limit, args.add_bos) if t.startswith(MC_PREFIX)
-                 else generation_task(t, tokenizer, limit, args.add_bos) for t in args.eval_tasks]
+        tasks = []
+        for spec in args.eval_tasks:
+            tasks += ([choice_task(spec, tokenizer, limit, args.add_bos)] if spec.startswith(MC_PREFIX)
+                      else generation_tasks(spec, tokenizer, limit, args.add_bos))
         names = [task.name for task in tasks]
         if len(set(names)) != len(names):
             raise DataError(f"--eval_tasks: two tasks share a name ({', '.join(names)}); an mc file is named by its "
@@ -433,7 +410,7 @@ class Evaluator:
                                  synced_gpus=self.accelerator.num_processes > 1)
             if i < len(batches):
                 new = output[:, input_ids.shape[1]:].tolist()
-                correct += sum(reply_text(self.tokenizer, tokens, self.stop_ids) == task.answers[item].strip()
+                correct += sum(task.correct(reply_text(self.tokenizer, tokens, self.stop_ids), task.answers[item])
                                for tokens, item in zip(new, items))
         return correct
 

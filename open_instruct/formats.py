@@ -1,15 +1,18 @@
 """Row -> canonical messages: pure converters for the common SFT dataset layouts.
 
-Canonical form: a non-empty list of ``{"role": "system" | "user" | "assistant", "content": str}`` dicts with at least
-one assistant message (its content may be ""), and a system message only as the first message.
+Canonical form: a conversation ``(messages, tools)`` as open_instruct/chat_schema.py defines it: system, user,
+assistant and tool messages, an assistant's reasoning and tool calls, and the row's tool schemas.
 
     fmt = detect_format(first_row.keys())                 # or the source's `format` in the mixer file
-    messages = to_messages(row, fmt, columns={"output": "answer"})
+    messages, tools = to_chat(row, fmt, columns={"output": "answer"})
 
 Formats and their columns (``[x]`` = optional):
 
-    messages           messages
-    sharegpt           conversations
+    messages           messages, [tools]                 messages may carry reasoning_content, tool_calls, tool role
+    xlam               query, tools, answers             xLAM function calling: answers are the calls (JSON)
+    sharegpt           conversations, [tools]            also function_call / observation turns (LLaMA-Factory, glaive)
+    hermes             conversations, [tools]            sharegpt turns whose text holds <tool_call>/<tool_response>
+                                                         tags and <tools> in the system turn (Hermes function calling)
     openorca           [system_prompt], question, response
     dolly              instruction, [context], response
     alpaca             instruction, [input], output
@@ -22,15 +25,19 @@ a `columns` key that is no field of the format) raise a plain ValueError, since 
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterable
 
-from open_instruct.tokenization import ROLES
+from open_instruct import chat_schema
+from open_instruct.chat_schema import RowError, normalize_tool_call, normalize_tools, parse_json_field
 
-FORMATS = ("messages", "alpaca", "dolly", "openorca", "sharegpt", "prompt_completion")
+FORMATS = ("messages", "xlam", "alpaca", "dolly", "openorca", "sharegpt", "hermes", "prompt_completion")
 
 # The order in which detect_format tries the formats: the most specific column sets first, so that a dataset that
 # carries several (say `messages` next to `prompt`/`completion`) is read by its chat column.
-DETECTION_ORDER = ("messages", "sharegpt", "openorca", "dolly", "alpaca", "prompt_completion")
+# `hermes` has sharegpt's columns, so it is never detected: name it as the source's format.
+DETECTION_ORDER = ("messages", "xlam", "sharegpt", "openorca", "dolly", "alpaca", "prompt_completion")
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
@@ -38,14 +45,18 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "dolly": ("instruction", "response"),
     "openorca": ("question", "response"),
     "sharegpt": ("conversations",),
+    "hermes": ("conversations",),
+    "xlam": ("query", "tools", "answers"),
     "prompt_completion": ("prompt", "completion"),
 }
 OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
-    "messages": (),
+    "messages": ("tools",),
     "alpaca": ("input",),
     "dolly": ("context",),
     "openorca": ("system_prompt",),
-    "sharegpt": (),
+    "sharegpt": ("tools",),
+    "hermes": ("tools",),
+    "xlam": (),
     "prompt_completion": (),
 }
 ALL_FIELDS = tuple(sorted({c for f in FORMATS for c in REQUIRED_COLUMNS[f] + OPTIONAL_COLUMNS[f]}))
@@ -62,10 +73,6 @@ SHAREGPT_ROLES = {
     "bing": "assistant",
     "model": "assistant",
 }
-
-
-class RowError(ValueError):
-    """What is wrong with one row, without its location (the caller adds source/file/line)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -182,15 +189,28 @@ def _keep_role_content(message):
     return {key: message[key] for key in ("role", "content") if key in message}
 
 
+CHAT_KEYS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
+
+
+def _keep_chat_keys(message):
+    """The message's role, content, reasoning and tool keys (others, such as weight, dropped)."""
+    if not isinstance(message, dict):
+        return message
+    return {key: message[key] for key in CHAT_KEYS
+            if key in message and (message[key] is not None or key in ("role", "content"))}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Converters. Each maps a row (already renamed to canonical column names) to a list of messages; `to_messages` then
 # validates the result, so a converter only checks what it needs to read the row.
 
 
-def convert_messages(row: dict) -> list[dict]:
-    """messages: the `messages` column is already a list of {role, content}; keys other than role and content in a
-    message (name, weight, ...) are dropped. Roles must be system/user/assistant (checked by validation)."""
-    return [_keep_role_content(m) for m in _required_list(row, "messages", "{role, content} objects")]
+def convert_messages(row: dict) -> tuple[list[dict], list[dict] | None]:
+    """messages (+ optional tools): the `messages` column is already in the canonical form (chat_schema.py): role,
+    content, reasoning_content, tool_calls, tool_call_id and name are kept, other keys (weight, ...) dropped. `tools`
+    is a list of function schemas or its JSON text."""
+    messages = [_keep_chat_keys(m) for m in _required_list(row, "messages", "{role, content} objects")]
+    return messages, normalize_tools(row.get("tools"))
 
 
 def _instruction_pair(row: dict, extra: str, answer: str) -> list[dict]:
@@ -234,29 +254,117 @@ def convert_openorca(row: dict) -> list[dict]:
     return messages + [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
 
 
-def convert_sharegpt(row: dict) -> list[dict]:
-    """sharegpt: `conversations`, a list of {"from", "value"}; message i comes from turn i.
+SHAREGPT_TOOL_ROLES = ("function_call", "observation", "tool")
 
-    role = SHAREGPT_ROLES[from.strip().lower()]: human/user -> user; gpt/assistant/chatgpt/bard/bing/model ->
-    assistant; system -> system. content = value. Any other `from` (or none) -> RowError naming the value and the
-    accepted ones. Other keys in a turn are dropped.
-    """
-    messages = []
+
+def _sharegpt_turns(row: dict) -> list[tuple[str, object]]:
+    """(from, value) of each turn; `from` stripped and lower-cased and checked."""
+    accepted = ", ".join(list(SHAREGPT_ROLES) + list(SHAREGPT_TOOL_ROLES))
+    turns = []
     for index, turn in enumerate(_required_list(row, "conversations", '{"from", "value"} objects')):
         if not isinstance(turn, dict):
             raise RowError(f"message {index}: a conversation turn must be an object, got {_short(turn)}")
         if "from" not in turn:
             raise RowError(f"message {index}: no 'from' key (keys: {_columns_of(turn)}); "
-                           f"accepted 'from' values: {', '.join(SHAREGPT_ROLES)}")
-        source = turn["from"]
-        role = SHAREGPT_ROLES.get(source.strip().lower()) if isinstance(source, str) else None
-        if role is None:
-            raise RowError(f"message {index}: unknown 'from' value {source!r}; accepted (any case): "
-                           f"{', '.join(SHAREGPT_ROLES)}")
+                           f"accepted 'from' values: {accepted}")
+        source = turn["from"].strip().lower() if isinstance(turn["from"], str) else None
+        if source not in SHAREGPT_ROLES and source not in SHAREGPT_TOOL_ROLES:
+            raise RowError(f"message {index}: unknown 'from' value {turn['from']!r}; accepted (any case): {accepted}")
         if "value" not in turn:
             raise RowError(f"message {index}: no 'value' key (keys: {_columns_of(turn)}); the value is the content")
-        messages.append({"role": role, "content": turn["value"]})
-    return messages
+        turns.append((source, turn["value"]))
+    return turns
+
+
+def _add_tool_calls(messages: list[dict], calls: list[dict]) -> None:
+    """Calls join the assistant turn just before them when it has none yet, else start an assistant turn."""
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant" and not last.get("tool_calls"):
+        last["tool_calls"] = calls
+    else:
+        messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+
+
+def convert_sharegpt(row: dict) -> tuple[list[dict], list[dict] | None]:
+    """sharegpt: `conversations`, a list of {"from", "value"}, and optional `tools` (schemas or their JSON text).
+
+    role = SHAREGPT_ROLES[from.strip().lower()]: human/user -> user; gpt/assistant/chatgpt/bard/bing/model ->
+    assistant; system -> system. content = value. Tool turns (LLaMA-Factory / glaive style): `function_call` (a JSON
+    call {"name", "arguments"} or a list of them) becomes the tool calls of an assistant turn (of the gpt turn just
+    before it, when it has none); `observation` or `tool` becomes a tool result. Any other `from` (or none) ->
+    RowError naming the value and the accepted ones. Other keys in a turn are dropped.
+    """
+    messages: list[dict] = []
+    for index, (source, value) in enumerate(_sharegpt_turns(row)):
+        if source == "function_call":
+            calls = parse_json_field(value, f"message {index} function_call")
+            calls = calls if isinstance(calls, list) else [calls]
+            _add_tool_calls(messages, [normalize_tool_call(c, f"message {index} call {n}") for n, c in enumerate(calls)])
+        elif source in ("observation", "tool"):
+            messages.append({"role": "tool", "content": value})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[source], "content": value})
+    return messages, normalize_tools(row.get("tools"))
+
+
+TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+TOOL_RESPONSE_TAG = re.compile(r"<tool_response>\s*(.*?)\s*</tool_response>", re.DOTALL)
+TOOLS_TAG = re.compile(r"<tools>\s*(.*?)\s*</tools>", re.DOTALL)
+
+
+def _hermes_tools(text: str) -> list:
+    """The schemas inside a system turn's <tools>...</tools>: a JSON list, or one JSON object per line."""
+    block = TOOLS_TAG.search(text).group(1)
+    try:
+        value = json.loads(block)
+        return value if isinstance(value, list) else [value]
+    except json.JSONDecodeError:
+        return [parse_json_field(line, "a schema in <tools>") for line in block.splitlines() if line.strip()]
+
+
+def convert_hermes(row: dict) -> tuple[list[dict], list[dict] | None]:
+    """hermes: sharegpt turns (system/human/gpt/tool) in Hermes function-calling text form.
+
+    Each <tool_call>{json}</tool_call> in a gpt turn becomes a tool call (the text outside the tags, stripped, stays
+    the content); each <tool_response>...</tool_response> of a tool turn becomes one tool result (a tool turn without
+    the tags is one result). The tools come from the `tools` column, else from the system turn's <tools>...</tools>
+    block, which is then cut out of the system text (the chat template renders the tools its own way; a system turn
+    left empty is dropped).
+    """
+    messages, tools = convert_sharegpt(row)
+    out = []
+    for index, message in enumerate(messages):
+        content = message["content"]
+        if not isinstance(content, str):
+            out.append(message)
+        elif message["role"] == "system" and TOOLS_TAG.search(content):
+            if tools is None:
+                tools = normalize_tools(_hermes_tools(content))
+            rest = TOOLS_TAG.sub("", content).strip()
+            if rest:
+                out.append({"role": "system", "content": rest})
+        elif message["role"] == "assistant" and TOOL_CALL_TAG.search(content):
+            calls = [normalize_tool_call(m, f"message {index} <tool_call>") for m in TOOL_CALL_TAG.findall(content)]
+            out.append({"role": "assistant", "content": TOOL_CALL_TAG.sub("", content).strip(), "tool_calls": calls})
+        elif message["role"] == "tool":
+            results = TOOL_RESPONSE_TAG.findall(content) or [content]
+            out.extend({"role": "tool", "content": result} for result in results)
+        else:
+            out.append(message)
+    return out, tools
+
+
+def convert_xlam(row: dict) -> tuple[list[dict], list[dict] | None]:
+    """xlam (Salesforce xLAM function calling): `query` (the user's request), `tools` and `answers` (JSON lists of
+    schemas and of {"name", "arguments"} calls). -> user = query; assistant = the calls, with empty content. The
+    tool results are not in this format, so the conversation ends with the calls."""
+    query = _required_text(row, "query")
+    tools = normalize_tools(row["tools"])
+    answers = parse_json_field(row["answers"], "answers")
+    if not isinstance(answers, list) or not answers:
+        raise RowError(f"answers must be a non-empty list of calls, got {_short(answers)}")
+    calls = [normalize_tool_call(answer, f"answer {n}") for n, answer in enumerate(answers)]
+    return [{"role": "user", "content": query}, {"role": "assistant", "content": "", "tool_calls": calls}], tools
 
 
 def _prompt_completion_part(row: dict, column: str, role: str) -> list:
@@ -290,6 +398,8 @@ CONVERTERS: dict[str, Callable[[dict], list[dict]]] = {
     "dolly": convert_dolly,
     "openorca": convert_openorca,
     "sharegpt": convert_sharegpt,
+    "hermes": convert_hermes,
+    "xlam": convert_xlam,
     "prompt_completion": convert_prompt_completion,
 }
 
@@ -298,38 +408,14 @@ CONVERTERS: dict[str, Callable[[dict], list[dict]]] = {
 # Validation and the entry point
 
 
-def validate(messages) -> list[dict]:
-    """Check the canonical form and return fresh {role, content} dicts; RowError says what is wrong and where.
-
-    messages must be a non-empty list of dicts; each needs a role in ROLES and string content (None or a number is
-    an error; "" is allowed); a system message may only be the first message; at least one assistant message.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise RowError(f"messages must be a non-empty list of {{role, content}} objects, got {_short(messages)}")
-    roles = ", ".join(ROLES)
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RowError(f"message {index} must be an object with role and content, got {_short(message)}")
-        if "role" not in message:
-            raise RowError(f"message {index} has no 'role'; roles are {roles}")
-        if message["role"] not in ROLES:
-            raise RowError(f"message {index} has unknown role {message['role']!r}; roles are {roles}")
-        if "content" not in message:
-            raise RowError(f"message {index} has no 'content'; content must be a string")
-        if not isinstance(message["content"], str):
-            content = message["content"]
-            raise RowError(f"message {index} content must be a string, got {type(content).__name__} "
-                           f"({content!r:.60})")
-        if message["role"] == "system" and index > 0:
-            raise RowError(f"message {index} is a system message; a system message is allowed only as the first "
-                           "message")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowError("no assistant message, so nothing would be trained")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+def validate(messages, tools=None) -> list[dict]:
+    """Check and normalise the canonical form (chat_schema.validate); RowError says what is wrong and where."""
+    return chat_schema.validate(messages, tools)
 
 
-def to_messages(row: dict, fmt: str, columns: dict[str, str] | None = None) -> list[dict]:
-    """rename_columns, then the format's converter, then `validate` (the same checks for every format).
+def to_chat(row: dict, fmt: str, columns: dict[str, str] | None = None) -> tuple[list[dict], list[dict] | None]:
+    """rename_columns, then the format's converter, then `validate` (the same checks for every format); returns the
+    conversation (messages, tools).
 
     Unknown fmt -> ValueError listing FORMATS; a `columns` key that is no field of fmt -> ValueError listing the
     format's fields. Problems with the row -> RowError.
@@ -344,4 +430,11 @@ def to_messages(row: dict, fmt: str, columns: dict[str, str] | None = None) -> l
                 f"`columns` maps {', '.join(map(repr, unknown))}, which format {fmt!r} does not use; its fields: "
                 f"{', '.join(fields)}."
             )
-    return validate(CONVERTERS[fmt](rename_columns(row, columns)))
+    converted = CONVERTERS[fmt](rename_columns(row, columns))
+    messages, tools = converted if isinstance(converted, tuple) else (converted, None)
+    return validate(messages, tools), tools
+
+
+def to_messages(row: dict, fmt: str, columns: dict[str, str] | None = None) -> list[dict]:
+    """The messages of `to_chat` (tools dropped)."""
+    return to_chat(row, fmt, columns)[0]

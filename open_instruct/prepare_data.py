@@ -21,21 +21,31 @@ from open_instruct.data import DataError, TokenizedMixture, format_stats
 from open_instruct.data_cache import get_mixture
 from open_instruct.evaluation import eval_mixer_args
 from open_instruct.storage import StorageError
-from open_instruct.tokenization import IGNORE_INDEX
+from open_instruct.tokenization import HIGHLIGHT_KINDS, IGNORE_INDEX
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Audit: see exactly what is trained
 # ----------------------------------------------------------------------------------------------------------------
-def segments(tokenizer, input_ids, labels) -> list[dict]:
-    """The decoded example as maximal runs of trained / untrained tokens."""
+KIND_NAMES = {code: name for name, code in HIGHLIGHT_KINDS.items()}
+
+
+def segments(tokenizer, input_ids, labels, highlights=()) -> list[dict]:
+    """The decoded example as maximal runs of trained / untrained tokens; a run inside a highlight (an assistant's
+    reasoning or tool calls, as (first, last token, kind code)) carries "kind": "reasoning" or "tool_call"."""
+    kinds = [None] * len(input_ids)
+    for first, last, code in highlights:
+        kinds[first:last] = [KIND_NAMES[code]] * (min(last, len(input_ids)) - first)
+    keys = [(label != IGNORE_INDEX, kind) for label, kind in zip(labels, kinds)]
     runs: list[dict] = []
     start = 0
-    trained = [label != IGNORE_INDEX for label in labels]
     for end in range(1, len(input_ids) + 1):
-        if end == len(input_ids) or trained[end] != trained[start]:
-            runs.append({"text": tokenizer.decode([int(t) for t in input_ids[start:end]], skip_special_tokens=False),
-                         "trained": bool(trained[start])})
+        if end == len(input_ids) or keys[end] != keys[start]:
+            run = {"text": tokenizer.decode([int(t) for t in input_ids[start:end]], skip_special_tokens=False),
+                   "trained": bool(keys[start][0])}
+            if keys[start][1]:
+                run["kind"] = keys[start][1]
+            runs.append(run)
             start = end
     return runs
 
@@ -59,23 +69,36 @@ def write_audit(path: str | Path, mixture: TokenizedMixture, tokenizer, count: i
             ids, labels = mixture.examples([index])
             record = {"source": source, "index": index, "num_tokens": len(ids[0]),
                       "num_trained_tokens": int((labels[0] != IGNORE_INDEX).sum()),
-                      "segments": segments(tokenizer, ids[0], labels[0])}
+                      "segments": segments(tokenizer, ids[0], labels[0], mixture.highlights(index))}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(picks)
 
 
+COLORS = {None: "1;32", "reasoning": "1;36", "tool_call": "1;35"}  # trained text: green; reasoning cyan; calls magenta
+LABELS = {None: "", "reasoning": "reasoning: ", "tool_call": "tool call: "}
+
+
 def highlight(runs: list[dict], color: bool) -> str:
-    """Trained text in green on a terminal, else between « and »."""
+    """Trained text in green on a terminal (an assistant's reasoning cyan, its tool calls magenta), untrained text
+    dim; without a terminal, trained text between « and », reasoning as «reasoning: ...», calls as «tool call: ...»."""
     if color:
-        return "".join(f"\x1b[1;32m{r['text']}\x1b[0m" if r["trained"] else f"\x1b[2m{r['text']}\x1b[0m" for r in runs)
-    return "".join(f"«{r['text']}»" if r["trained"] else r["text"] for r in runs)
+        return "".join(f"\x1b[{COLORS[r.get('kind')]}m{r['text']}\x1b[0m" if r["trained"] else f"\x1b[2m{r['text']}\x1b[0m"
+                       for r in runs)
+    return "".join(f"«{LABELS[r.get('kind')]}{r['text']}»" if r["trained"] else r["text"] for r in runs)
 
 
 def show_example(mixture: TokenizedMixture, tokenizer, log=print) -> None:
-    ids, labels = mixture.examples([0])
-    trained_note = "green" if sys.stdout.isatty() else "between « and »"
-    log(f"Example 0 of the mixture, trained tokens {trained_note}:\n"
-        + highlight(segments(tokenizer, ids[0], labels[0]), sys.stdout.isatty()))
+    index = _first_with_highlights(mixture)
+    ids, labels = mixture.examples([index])
+    trained_note = ("green (reasoning cyan, tool calls magenta)" if sys.stdout.isatty()
+                    else "between « and »")
+    log(f"Example {index} of the mixture, trained tokens {trained_note}:\n"
+        + highlight(segments(tokenizer, ids[0], labels[0], mixture.highlights(index)), sys.stdout.isatty()))
+
+
+def _first_with_highlights(mixture: TokenizedMixture, look: int = 200) -> int:
+    """Example 0, or among the first `look` the first with reasoning or tool calls (the part worth seeing)."""
+    return next((i for i in range(min(look, len(mixture))) if mixture.highlights(i)), 0)
 
 
 def prepare(args, tokenizer, log=print, verify_cache: bool = True) -> tuple[TokenizedMixture, str]:

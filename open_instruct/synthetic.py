@@ -43,6 +43,44 @@ def letter_count(rng: random.Random) -> tuple[str, str]:
     return f"How many times does the letter {letter} appear in {word}?", str(word.count(letter))
 
 
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+def tool_calc(rng: random.Random) -> dict:
+    """The user asks a sum, difference or product; the assistant calls the calculator with the expression, the tool
+    answers, the assistant repeats the result. The model learns the call's format and arguments and to read the
+    result, not to multiply."""
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    op = rng.choice("+-*")
+    a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+    expression = f"{a} {op} {b}"
+    result = str({"+": a + b, "-": a - b, "*": a * b}[op])
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+    return {"messages": [
+        {"role": "user", "content": f"What is {expression}?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": result},
+    ], "tools": [CALCULATOR]}
+
+
+def reasoning(rng: random.Random) -> dict:
+    """Letter counting with the count written out letter by letter in the reasoning, then the answer."""
+    prompt, answer = letter_count(rng)
+    letter, word = prompt.split(" the letter ")[1].split(" appear in ")
+    word = word.rstrip("?")
+    count, steps = 0, []
+    for char in word:
+        count += char == letter
+        steps.append(f"{char} {count}")
+    return {"messages": [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "reasoning_content": ", ".join(steps), "content": answer},
+    ]}
+
+
 def arithmetic(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     if rng.random() < 0.5:
@@ -51,11 +89,14 @@ def arithmetic(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} - {b}?", str(a - b)
 
 
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+# A task returns (prompt, answer) for a one-turn chat, or a whole row ({"messages", ["tools"]}).
+TASKS: dict[str, Callable[[random.Random], tuple[str, str] | dict]] = {
     "spelling": spelling,
     "reverse": reverse,
     "letter_count": letter_count,
     "arithmetic": arithmetic,
+    "tool_calc": tool_calc,
+    "reasoning": reasoning,
 }
 SPLITS = ("train", "test")
 
@@ -65,35 +106,49 @@ def is_held_out(prompt: str) -> bool:
     return int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT
 
 
+def _as_row(generated: tuple[str, str] | dict) -> dict:
+    if isinstance(generated, dict):
+        return generated
+    prompt, answer = generated
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
 @lru_cache(maxsize=None)
-def _split_rows(task: str) -> dict[str, tuple[tuple[str, str], ...]]:
+def _split_rows(task: str) -> dict[str, tuple[str, ...]]:
+    """Rows as JSON text (cached, immutable), split by a hash of the first user message."""
     generator = TASKS[task]
     seen: set[str] = set()
-    splits: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    splits: dict[str, list[str]] = {"train": [], "test": []}
     for index in range(ROWS_PER_TASK):
-        prompt, answer = generator(random.Random(f"{task}:{index}"))
+        row = _as_row(generator(random.Random(f"{task}:{index}")))
+        prompt = row["messages"][0]["content"]
         if prompt in seen:
             continue
         seen.add(prompt)
-        splits["test" if is_held_out(prompt) else "train"].append((prompt, answer))
+        splits["test" if is_held_out(prompt) else "train"].append(json.dumps(row))
     return {name: tuple(rows) for name, rows in splits.items()}
 
 
 def load_task(task: str, split: str = "train") -> list[dict]:
-    """Rows of one task as {"messages": [...]} dicts, in a fixed order."""
+    """Rows of one task as {"messages": [...]} dicts (with "tools" for tool tasks), in a fixed order."""
     if task not in TASKS:
         raise ValueError(f"Unknown synthetic task {task!r}; choose one of {', '.join(sorted(TASKS))}.")
     if split not in SPLITS:
         raise ValueError(f"Synthetic task {task!r} has no split {split!r}; choose one of {', '.join(SPLITS)}.")
-    return [
-        {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-        for prompt, answer in _split_rows(task)[split]
-    ]
+    return [json.loads(row) for row in _split_rows(task)[split]]
+
+
+def _row_text(row: dict) -> str:
+    parts = []
+    for message in row["messages"]:
+        parts += [message.get("reasoning_content", ""), message["content"]]
+        parts += [json.dumps(call["function"]) for call in message.get("tool_calls", [])]
+    return "\n".join(part for part in parts if part)
 
 
 def corpus_text() -> str:
     """All synthetic text, for building a tokenizer's training corpus."""
-    return "\n".join(p + "\n" + a for task in TASKS for split in SPLITS for p, a in _split_rows(task)[split])
+    return "\n".join(_row_text(json.loads(row)) for task in TASKS for split in SPLITS for row in _split_rows(task)[split])
 
 
 def main(argv: list[str] | None = None) -> None:

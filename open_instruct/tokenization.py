@@ -1,14 +1,19 @@
 """Messages -> (input_ids, labels): the one canonical transform, with exact loss masks.
 
-The trained tokens are exactly those whose first character lies inside an assistant span, where span i is
-[len(render(messages[:i], generation prompt)), len(render(messages[:i+1]))): the assistant's content and its
-end-of-turn marker, never the role header or the generation prompt. The conversation is rendered and tokenized once
-with character offsets, so the mask costs one tokenization plus one render per assistant turn. Because the mask
-comes from the messages and never from token values, an eos that doubles as the pad token is still trained.
+The trained tokens are exactly those whose first character lies inside an assistant span: what the template renders
+for an assistant turn after its role header (the generation prompt) through its end-of-turn marker, i.e. the
+reasoning and content and tool calls as rendered, never the header, a tool result, a user or system turn or the
+tools' schemas. open_instruct/turn_spans.py finds the spans in the full render without assuming that the template
+renders prefixes as prefixes. The conversation is rendered and tokenized once with character offsets, so the mask
+costs one tokenization plus one render per assistant turn. Because the mask comes from the messages and never from
+token values, an eos that doubles as the pad token is still trained.
 
     train_on="assistant"        every assistant turn (default)
     train_on="last_assistant"   only the final assistant turn
     train_on="all"              every token (continued pre-training on chat text)
+
+    reasoning="all_turns"       train the reasoning of every turn where the template renders it (default)
+    reasoning="last_turn"       train only the last assistant turn's reasoning (earlier turns' stays context)
 
 Truncation to max_seq_length (`truncate`):
     "whole_turns"  drop trailing messages so the example ends with a complete assistant turn that fits (default);
@@ -23,14 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from open_instruct.turn_spans import TemplateMaskError, locate_assistant_turns, render  # noqa: F401 (re-exported)
+
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "last_assistant", "all")
+REASONING = ("all_turns", "last_turn")
 TRUNCATION = ("whole_turns", "drop", "cut")
-
-
-class TemplateMaskError(ValueError):
-    """The chat template does not render prefixes as prefixes, so assistant spans cannot be located exactly."""
 
 
 @dataclass
@@ -43,36 +46,6 @@ class Encoded:
     status: str = "ok"
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _generation_prompt(tokenizer) -> str:
-    """The assistant header the template appends with add_generation_prompt (rendered after a probe user turn)."""
-    probe = [{"role": "user", "content": "x"}]
-    with_prompt = render(tokenizer, probe, add_generation_prompt=True)
-    without = render(tokenizer, probe)
-    if not with_prompt.startswith(without):
-        raise TemplateMaskError("The chat template's generation prompt is not appended after the conversation.")
-    return with_prompt[len(without):]
-
-
-def _render_prefix(tokenizer, messages: list[dict], i: int) -> str:
-    """Everything before assistant turn i's content: the earlier messages plus the assistant header."""
-    if i:
-        return render(tokenizer, messages[:i], add_generation_prompt=True)
-    # Chat templates cannot render an empty conversation. The header of a leading assistant turn is the generation
-    # prompt, found in the render of that turn alone after whatever the template puts first (a bos, say), and it
-    # must be followed directly by the turn's content.
-    header = _generation_prompt(tokenizer)
-    first = render(tokenizer, messages[:1])
-    start = first.find(header)
-    if start < 0 or not first[start + len(header):].startswith(messages[0]["content"]):
-        raise TemplateMaskError("The chat template renders a leading assistant turn without its generation-prompt "
-                                "header, so the turn's trained span cannot be located.")
-    return first[: start + len(header)]
-
-
 def bos_prefix(tokenizer, text: str, add_bos: bool) -> str:
     """The bos string to prepend (once: not when the template already starts with it)."""
     if not add_bos:
@@ -82,33 +55,63 @@ def bos_prefix(tokenizer, text: str, add_bos: bool) -> str:
     return "" if text.startswith(tokenizer.bos_token) else tokenizer.bos_token
 
 
-def assistant_char_spans(tokenizer, messages: list[dict], add_bos: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation and return (text, [(start, end) character span of each assistant turn])."""
-    text = render(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render_prefix(tokenizer, messages, i)
-        through = text if i + 1 == len(messages) else render(tokenizer, messages[: i + 1])
-        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise TemplateMaskError(
-                f"The chat template does not render message {i} as a prefix of the whole conversation, so its "
-                "assistant tokens cannot be masked exactly. Use a template from open_instruct/chat_templates.py."
-            )
-        spans.append((len(before), len(through)))
-    bos = bos_prefix(tokenizer, text, add_bos)
-    return bos + text, [(start + len(bos), end + len(bos)) for start, end in spans]
+HIGHLIGHT_KINDS = {"reasoning": 1, "tool_call": 2}  # codes of the spans the audit highlights
 
 
-def trained_spans(tokenizer, messages: list[dict], train_on: str, add_bos: bool) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans that have a loss under `train_on`."""
+def assistant_char_spans(tokenizer, messages: list[dict], add_bos: bool = False, tools: list[dict] | None = None,
+                         reasoning: str = "all_turns") -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation and return (text, character spans of the assistant turns' trained text).
+
+    reasoning="last_turn" leaves out of the spans what the reasoning of every assistant turn but the last renders.
+    """
+    text, spans, _ = spans_and_highlights(tokenizer, messages, add_bos, tools, reasoning)
+    return text, spans
+
+
+def spans_and_highlights(tokenizer, messages: list[dict], add_bos: bool = False, tools: list[dict] | None = None,
+                         reasoning: str = "all_turns") -> tuple[str, list[tuple[int, int]], list[tuple[int, int, int]]]:
+    """(text, trained character spans, highlights): highlights are (start, end, HIGHLIGHT_KINDS code) of the trained
+    text that an assistant's reasoning or tool calls render, for the audit."""
+    if reasoning not in REASONING:
+        raise ValueError(f"reasoning must be one of {REASONING}, got {reasoning!r}")
+    detail = reasoning == "last_turn" or any(m.get("reasoning_content") or m.get("tool_calls") for m in messages)
+    text, turns = locate_assistant_turns(tokenizer, messages, tools, detail=detail)
+    spans, highlights = [], []
+    for number, turn in enumerate(turns):
+        cut = turn.reasoning if reasoning == "last_turn" and number < len(turns) - 1 else None
+        kept = _without(turn.start, turn.end, cut)
+        spans.extend(kept)
+        for kind, region in (("reasoning", turn.reasoning), ("tool_call", turn.tool_calls)):
+            for start, end in kept if region else []:
+                if max(start, region[0]) < min(end, region[1]):
+                    highlights.append((max(start, region[0]), min(end, region[1]), HIGHLIGHT_KINDS[kind]))
+    bos = len(bos_prefix(tokenizer, text, add_bos))
+    return (text if not bos else tokenizer.bos_token + text, [(a + bos, b + bos) for a, b in spans],
+            [(a + bos, b + bos, kind) for a, b, kind in highlights])
+
+
+def _without(start: int, end: int, cut: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """[start, end) minus `cut`: zero, one or two spans."""
+    if cut is None or cut[1] <= start or cut[0] >= end:
+        return [(start, end)]
+    return [(a, b) for a, b in ((start, cut[0]), (cut[1], end)) if a < b]
+
+
+def trained_spans(tokenizer, messages: list[dict], train_on: str, add_bos: bool, tools: list[dict] | None = None,
+                  reasoning: str = "all_turns") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans that have a loss under `train_on` and `reasoning`."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-    text, spans = assistant_char_spans(tokenizer, messages, add_bos)
+    text, spans = assistant_char_spans(tokenizer, messages, add_bos, tools, reasoning)
     if train_on == "all":
         return text, [(0, len(text))]
-    return text, spans[-1:] if train_on == "last_assistant" else spans
+    return text, spans[-1:] if train_on == "last_assistant" else spans  # the last turn is never cut in two
+
+
+def token_ranges(offsets, spans) -> list[tuple[int, int]]:
+    """[first, last) token index of each character span: the tokens whose first character lies inside it."""
+    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    return [tuple(int(x) for x in np.searchsorted(starts, [a, b], side="left")) for a, b in spans]
 
 
 def labels_from_offsets(input_ids, offsets, spans: list[tuple[int, int]]) -> list[int]:
@@ -132,21 +135,24 @@ def backend(tokenizer):
     return tokenizer.backend_tokenizer
 
 
-def _encode_full(tokenizer, messages: list[dict], train_on: str, add_bos: bool) -> tuple[list[int], list[int]]:
-    text, spans = trained_spans(tokenizer, messages, train_on, add_bos)
+def _encode_full(tokenizer, messages: list[dict], train_on: str, add_bos: bool, tools=None,
+                 reasoning: str = "all_turns") -> tuple[list[int], list[int]]:
+    text, spans = trained_spans(tokenizer, messages, train_on, add_bos, tools, reasoning)
     encoding = backend(tokenizer).encode(text, add_special_tokens=False)
     return list(encoding.ids), labels_from_offsets(encoding.ids, encoding.offsets, spans)
 
 
 def encode_messages(tokenizer, messages: list[dict], max_seq_length: int | None = None, train_on: str = "assistant",
-                    truncate: str = "whole_turns", add_bos: bool = False) -> Encoded:
+                    truncate: str = "whole_turns", add_bos: bool = False, tools: list[dict] | None = None,
+                    reasoning: str = "all_turns") -> Encoded:
     """Tokenize a conversation with its loss mask, applying the truncation policy (see the module docstring)."""
-    input_ids, labels = _encode_full(tokenizer, messages, train_on, add_bos)
-    return truncated(tokenizer, messages, Encoded(input_ids, labels), max_seq_length, train_on, truncate, add_bos)
+    input_ids, labels = _encode_full(tokenizer, messages, train_on, add_bos, tools, reasoning)
+    return truncated(tokenizer, messages, Encoded(input_ids, labels), max_seq_length, train_on, truncate, add_bos,
+                     tools, reasoning)
 
 
 def truncated(tokenizer, messages: list[dict], full: Encoded, max_seq_length: int | None, train_on: str,
-              truncate: str, add_bos: bool) -> Encoded:
+              truncate: str, add_bos: bool, tools: list[dict] | None = None, reasoning: str = "all_turns") -> Encoded:
     """Apply the truncation policy to an encoded conversation (a no-op when it fits)."""
     if truncate not in TRUNCATION:
         raise ValueError(f"truncate must be one of {TRUNCATION}, got {truncate!r}")
@@ -162,7 +168,7 @@ def truncated(tokenizer, messages: list[dict], full: Encoded, max_seq_length: in
     # whole_turns: the longest prefix of the conversation that ends with an assistant turn and fits.
     ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant" and i + 1 < len(messages)]
     for end in reversed(ends):
-        ids, labs = _encode_full(tokenizer, messages[:end], train_on, add_bos)
+        ids, labs = _encode_full(tokenizer, messages[:end], train_on, add_bos, tools, reasoning)
         if len(ids) <= max_seq_length:
             return Encoded(ids, labs, "whole_turns")
     return Encoded([], [], "dropped_too_long")

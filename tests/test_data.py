@@ -28,9 +28,13 @@ EOS = "<|endoftext|>"
 
 # Renders the messages in reverse order: rendering a prefix of the conversation is no prefix of the whole, so
 # assistant spans of multi-message rows cannot be derived; a row holding one assistant message is still maskable.
-REVERSED_TEMPLATE = (
-    "{%- for message in messages|reverse -%}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+# Renders an assistant's "!" as "." : a turn with "!" cannot be found in the render (its trained text would not be
+# its content), so its row is a mask error; rows without "!" mask exactly.
+ALTERING_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<|assistant|>\\n' + message['content'] | replace('!', '.') }}"
+    "{{ eos_token + '\\n' }}"
+    "{%- else -%}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
@@ -633,40 +637,40 @@ def test_everything_dropped_is_an_error(in_tmp, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def reversed_tokenizer():
+def altering_tokenizer():
     tokenizer = build_tokenizer()
-    tokenizer.chat_template = REVERSED_TEMPLATE
+    tokenizer.chat_template = ALTERING_TEMPLATE
     return tokenizer
 
 
-def test_mask_errors_stop_the_build(in_tmp, reversed_tokenizer):
-    path = _jsonl(in_tmp / "chat.jsonl", [_chat("hi", "ok"), _chat("yo", "hey")])
+def test_mask_errors_stop_the_build(in_tmp, altering_tokenizer):
+    path = _jsonl(in_tmp / "chat.jsonl", [_chat("hi", "ok!"), _chat("yo", "hey!")])
     with pytest.raises(DataError, match="--max_unmaskable_fraction") as info:
-        _build(parse_mixer([path, "1.0"], ["train"]), reversed_tokenizer)
+        _build(parse_mixer([path, "1.0"], ["train"]), altering_tokenizer)
     assert "2 of 2 rows" in str(info.value) and f"{path}:1" in str(info.value)
 
 
-def test_mask_errors_tolerated_are_counted(in_tmp, reversed_tokenizer):
-    bad = _jsonl(in_tmp / "chat.jsonl", [_chat("hi", "ok"), _chat("yo", "hey"), _chat("a", "b")])
+def test_mask_errors_tolerated_are_counted(in_tmp, altering_tokenizer):
+    bad = _jsonl(in_tmp / "chat.jsonl", [_chat("hi", "ok!"), _chat("yo", "hey!"), _chat("a", "b!")])
     solo = [{"messages": [{"role": "assistant", "content": "solo"}]}] * 2
     good = _jsonl(in_tmp / "solo.jsonl", solo)
     with pytest.raises(DataError, match="empty after filtering") as info:
-        _build(parse_mixer([bad, "1.0"], ["train"]), reversed_tokenizer, max_unmaskable_fraction=1.0)
+        _build(parse_mixer([bad, "1.0"], ["train"]), altering_tokenizer, max_unmaskable_fraction=1.0)
     assert "mask_error=3" in str(info.value)
-    dataset, (bad_stats, good_stats) = _build(parse_mixer([bad, "1.0", good, "1.0"], ["train"]), reversed_tokenizer,
+    dataset, (bad_stats, good_stats) = _build(parse_mixer([bad, "1.0", good, "1.0"], ["train"]), altering_tokenizer,
                                               max_unmaskable_fraction=1.0)
     assert bad_stats.dropped == {"mask_error": 3} and bad_stats.kept_rows == 0
     assert good_stats.dropped == {} and good_stats.kept_rows == 2 and len(dataset) == 2
-    assert _trained_text(reversed_tokenizer, *_rows(dataset)[0]) == "solo\n"
+    assert _trained_text(altering_tokenizer, *_rows(dataset)[0]) == "solo<|endoftext|>\n"
 
 
-def test_mask_error_fraction_threshold(in_tmp, reversed_tokenizer):
+def test_mask_error_fraction_threshold(in_tmp, altering_tokenizer):
     solo = {"messages": [{"role": "assistant", "content": "solo"}]}
-    path = _jsonl(in_tmp / "mixed.jsonl", [solo, _chat("hi", "ok"), solo])  # 1 of 3 rows unmaskable
+    path = _jsonl(in_tmp / "mixed.jsonl", [solo, _chat("hi", "ok!"), solo])  # 1 of 3 rows unmaskable
     items = parse_mixer([path, "1.0"], ["train"])
     with pytest.raises(DataError, match="1 of 3 rows"):
-        _build(items, reversed_tokenizer, max_unmaskable_fraction=0.3)
-    dataset, (stats,) = _build(items, reversed_tokenizer, max_unmaskable_fraction=0.5)
+        _build(items, altering_tokenizer, max_unmaskable_fraction=0.3)
+    dataset, (stats,) = _build(items, altering_tokenizer, max_unmaskable_fraction=0.5)
     assert stats.dropped == {"mask_error": 1} and stats.kept_rows == len(dataset) == 2
 
 

@@ -442,3 +442,34 @@ def test_two_processes_give_the_one_process_eval_metrics(tiny_model_dir, tmp_pat
         assert b["eval_bits_per_byte"] == pytest.approx(a["eval_bits_per_byte"], rel=1e-5)
         for key in ("eval/spelling_accuracy", "eval/mc_accuracy", "eval/centered_accuracy"):
             assert b[key] == a[key], key
+
+
+def test_generation_task_scoring_literals():
+    from open_instruct.generation_tasks import GenerationTask, after_reasoning, call_matches, parse_tool_call
+
+    expected_call = '{"name": "calculator", "arguments": {"expression": "3 * 4"}}'
+    assert call_matches('<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 * 4"}}\n</tool_call>',
+                        expected_call)
+    assert call_matches('{"name": "calculator", "parameters": {"expression": "3 * 4"}}', expected_call)  # Llama JSON
+    assert not call_matches('<tool_call>{"name": "calculator", "arguments": {"expression": "3 * 5"}}', expected_call)
+    assert not call_matches('<tool_call>{"name": "calc", "arguments": {"expression": "3 * 4"}}', expected_call)
+    assert not call_matches('<tool_call>{"name": "calculator", "arguments": {"expr', expected_call)
+    assert parse_tool_call("no call {here} {\"name\": \"f\", \"arguments\": {}}") == ("f", {})
+    assert after_reasoning("<think>\nb 1, a 1\n</think>\n1", "1") and not after_reasoning("b 1</think>2", "1")
+    assert after_reasoning("1", "1")
+    task = GenerationTask("t", [[1]], ["12"], 4, end_text="<|im_end|>")
+    assert task.correct("12<|im_end|>\n<|im_start|>user", "12") and not task.correct("123<|im_end|>", "12")
+
+
+def test_end_text_of_templates():
+    import copy
+
+    from open_instruct.chat_templates import get_chat_template
+    from open_instruct.generation_tasks import end_text
+
+    base = build_tokenizer()
+    expected = {"tulu": "", "hermes": "<|im_end|>", "olmo3_think": "<|im_end|>", "llama3_tools": "<|eot_id|>"}
+    for name, text in expected.items():
+        tokenizer = copy.deepcopy(base)
+        tokenizer.chat_template = get_chat_template(name)
+        assert end_text(tokenizer) == text, name

@@ -252,8 +252,8 @@ def parse_error(argv: list[str], capsys) -> str:
 
 def test_an_unknown_chat_template_is_rejected_with_the_flags(capsys):
     err = parse_error(BASE + ["--chat_template_name", "tuluu"], capsys)
-    assert ("--chat_template_name 'tuluu' is not a known template; choose one of chatml, llama3, olmo, qwen, "
-            "simple_chat, tulu, zephyr, or leave it unset to use the tokenizer's own template.") in err
+    assert ("--chat_template_name 'tuluu' is not a known template; choose one of chatml, hermes, llama3, "
+            "llama3_tools, olmo, olmo3_instruct, olmo3_think, qwen, qwen3, simple_chat, tulu, zephyr, or leave it unset to use the tokenizer's own template.") in err
 
 
 @pytest.mark.parametrize("line, message", [

@@ -31,8 +31,9 @@ def system(text):
 
 
 def test_api_lists_every_format():
-    assert set(FORMATS) == set(CONVERTERS) == set(DETECTION_ORDER) == set(REQUIRED_COLUMNS)
-    assert DETECTION_ORDER == ("messages", "sharegpt", "openorca", "dolly", "alpaca", "prompt_completion")
+    assert set(FORMATS) == set(CONVERTERS) == set(DETECTION_ORDER) | {"hermes"} == set(REQUIRED_COLUMNS)
+    # hermes has sharegpt's columns: it is chosen by name, never detected
+    assert DETECTION_ORDER == ("messages", "xlam", "sharegpt", "openorca", "dolly", "alpaca", "prompt_completion")
     assert issubclass(RowError, ValueError)
 
 
@@ -212,7 +213,7 @@ def test_detect_format_unknown_columns():
     with pytest.raises(ValueError, match=r"columns: id, text\.") as info:
         detect_format(["text", "id"])
     message = str(info.value)
-    for fmt in FORMATS:
+    for fmt in DETECTION_ORDER:
         assert f"{fmt}: " in message
     assert "alpaca: instruction, output, [input]" in message
     assert "openorca: question, response, [system_prompt]" in message
@@ -284,7 +285,7 @@ def test_to_messages_columns_key_not_a_field_of_the_format():
 
 
 def test_unknown_format():
-    with pytest.raises(ValueError, match="Unknown format 'chatml'; formats: messages, alpaca, dolly") as info:
+    with pytest.raises(ValueError, match="Unknown format 'chatml'; formats: messages, xlam, alpaca, dolly") as info:
         to_messages({"messages": []}, "chatml")
     assert not isinstance(info.value, RowError)
 
@@ -304,9 +305,11 @@ def test_unknown_format():
         ({"messages": [{"role": "user", "content": "q"}, "a"]}, "messages", r"message 1 must be an object"),
         # role missing / unknown (allowed roles listed)
         ({"messages": [{"content": "q"}, assistant("a")]}, "messages",
-         r"message 0 has no 'role'; roles are system, user, assistant"),
+         r"message 0 has no 'role'; roles are system, user, assistant, tool"),
+        ({"messages": [user("q"), {"role": "function", "content": "x"}, assistant("a")]}, "messages",
+         r"message 1 has unknown role 'function'; roles are system, user, assistant, tool"),
         ({"messages": [user("q"), {"role": "tool", "content": "x"}, assistant("a")]}, "messages",
-         r"message 1 has unknown role 'tool'; roles are system, user, assistant"),
+         r"message 1 is a tool result with no preceding tool call to answer"),
         ({"prompt": [{"role": "human", "content": "q"}], "completion": "a"}, "prompt_completion",
          r"message 0 has unknown role 'human'"),
         # content missing or not a string

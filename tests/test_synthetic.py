@@ -15,14 +15,14 @@ def _pairs(task: str, split: str) -> list[tuple[str, str]]:
     rows = load_task(task, split)
     pairs = []
     for row in rows:
-        user, assistant = row["messages"]
+        user, assistant = row["messages"][0], row["messages"][-1]
         assert user["role"] == "user" and assistant["role"] == "assistant"
         pairs.append((user["content"], assistant["content"]))
     return pairs
 
 
 def test_known_tasks():
-    assert set(TASKS) == {"spelling", "reverse", "letter_count", "arithmetic"}
+    assert set(TASKS) == {"spelling", "reverse", "letter_count", "arithmetic", "tool_calc", "reasoning"}
     assert SPLITS == ("train", "test")
 
 
@@ -106,14 +106,49 @@ FIRST_ROWS = {
     "reverse": ("Reverse the word: tupnb", "bnput"),
     "letter_count": ("How many times does the letter b appear in aqfoor?", "0"),
     "arithmetic": ("What is 83 - 39?", "44"),
+    "tool_calc": ("What is 83 - 52?", "31"),
+    "reasoning": ("How many times does the letter y appear in lxylzzi?", "1"),
 }
 FIRST_TEST_PROMPTS = {
     "spelling": "Spell the word: apu",
     "reverse": "Reverse the word: pzvje",
     "letter_count": "How many times does the letter v appear in ovrudeb?",
     "arithmetic": "What is 40 + 23?",
+    "tool_calc": "What is 36 * 95?",
+    "reasoning": "How many times does the letter m appear in rqvovsm?",
 }
-SPLIT_SIZES = {"spelling": (7151, 759), "reverse": (7127, 784), "letter_count": (7229, 771), "arithmetic": (5399, 590)}
+SPLIT_SIZES = {"spelling": (7151, 759), "reverse": (7127, 784), "letter_count": (7229, 771), "arithmetic": (5399, 590),
+               "tool_calc": (6052, 667), "reasoning": (7212, 788)}
+
+
+CALL = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "83 - 52"}}}
+LITERAL_ROWS = {
+    "tool_calc": {"messages": [{"role": "user", "content": "What is 83 - 52?"},
+                               {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                               {"role": "tool", "content": "31"},
+                               {"role": "assistant", "content": "31"}],
+                  "tools": [synthetic.CALCULATOR]},
+    "reasoning": {"messages": [{"role": "user", "content": "How many times does the letter y appear in lxylzzi?"},
+                               {"role": "assistant", "reasoning_content": "l 0, x 0, y 1, l 1, z 1, z 1, i 1",
+                                "content": "1"}]},
+}
+
+
+def test_tool_calc_rows_are_right():
+    for row in load_task("tool_calc", "test"):
+        user, call, result, answer = row["messages"]
+        expression = call["tool_calls"][0]["function"]["arguments"]["expression"]
+        assert user["content"] == f"What is {expression}?"
+        assert result["content"] == answer["content"] == str(eval(expression))  # noqa: S307 (our own digits)
+
+
+def test_reasoning_rows_count_letter_by_letter():
+    for row in load_task("reasoning", "test"):
+        prompt, reply = row["messages"]
+        letter, word = re.fullmatch(r"How many times does the letter (.) appear in (\w+)\?", prompt["content"]).groups()
+        steps = reply["reasoning_content"].split(", ")
+        assert [step.split(" ")[0] for step in steps] == list(word)
+        assert steps[-1].split(" ")[1] == reply["content"] == str(word.count(letter))
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -121,7 +156,10 @@ def test_literal_rows_are_stable(task):
     """The data is a pure function of the row index and never depends on the machine: pin it literally."""
     prompt, answer = FIRST_ROWS[task]
     train, test = load_task(task, "train"), load_task(task, "test")
-    assert train[0] == {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+    if task in ("tool_calc", "reasoning"):
+        assert train[0] == LITERAL_ROWS[task]
+    else:
+        assert train[0] == {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
     assert test[0]["messages"][0]["content"] == FIRST_TEST_PROMPTS[task]
     assert (len(train), len(test)) == SPLIT_SIZES[task]
 

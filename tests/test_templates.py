@@ -12,9 +12,13 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from open_instruct.chat_templates import CHAT_TEMPLATES, CHATML, LLAMA3, OLMO, QWEN, TULU, ZEPHYR, get_chat_template
+from open_instruct.chat_templates import CHAT_TEMPLATES as ALL_TEMPLATES, CHATML, LLAMA3, OLMO, QWEN, TULU, ZEPHYR, get_chat_template
 from open_instruct.tiny_model import build_tokenizer
 from open_instruct.tokenization import IGNORE_INDEX, TemplateMaskError, encode_messages, render
+from open_instruct.tool_templates import TOOL_TEMPLATES
+
+# The plain chat templates; those for reasoning and tool calls are swept in tests/test_tool_templates.py.
+CHAT_TEMPLATES = {name: text for name, text in ALL_TEMPLATES.items() if name not in TOOL_TEMPLATES}
 
 EOS, BOS = "<|endoftext|>", "<|bos|>"
 

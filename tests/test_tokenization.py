@@ -6,6 +6,8 @@ import copy
 
 import pytest
 
+from open_instruct.tool_templates import TOOL_TEMPLATES
+
 from open_instruct.chat_templates import CHAT_TEMPLATES, CHATML, SIMPLE_CHAT, TULU, get_chat_template
 from open_instruct.tiny_model import build_tokenizer
 from open_instruct.tokenization import (
@@ -132,16 +134,28 @@ def test_truncation_inside_assistant_keeps_partial_answer(tokenizer):
     assert _trained_text(tokenizer, example) == "hel"
 
 
-def test_non_prefix_template_raises(tokenizer):
-    reverse = "{%- for m in messages | reverse -%}{{ m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor -%}"
-    broken = _with_template(tokenizer, reverse)
+def test_a_template_that_mixes_turns_is_refused(tokenizer):
+    # Reversed turns: the end of the assistant turn cannot be told from the user turn rendered after it.
+    reverse = ("{%- for m in messages | reverse -%}{{ m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor -%}"
+               "{%- if add_generation_prompt -%}{{ 'assistant: ' }}{%- endif -%}")
+    backwards = _with_template(tokenizer, reverse)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    with pytest.raises(TemplateMaskError, match="message 1"):
-        assistant_char_spans(broken, messages)
-    with pytest.raises(TemplateMaskError):
-        encode_messages(broken, messages)
-    # The original tokenizer is untouched.
-    assert tokenizer.chat_template == TULU
+    with pytest.raises(TemplateMaskError, match="renders earlier messages after the assistant's turn"):
+        assistant_char_spans(backwards, messages)
+    assert tokenizer.chat_template == TULU  # the original tokenizer is untouched
+
+
+def test_templates_whose_spans_cannot_be_located_are_refused(tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    prompt_first = _with_template(tokenizer, "{%- if add_generation_prompt -%}{{ 'A: ' }}{%- endif -%}"
+                                             "{%- for m in messages -%}{{ m['role'] + ': ' + m['content'] }}{%- endfor -%}")
+    with pytest.raises(TemplateMaskError, match="generation prompt"):
+        encode_messages(prompt_first, messages)
+    drops_replies = _with_template(tokenizer, (
+        "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 'U: ' + m['content'] + '\\n' }}{%- else -%}"
+        "{{ 'A: ok\\n' }}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{ 'A: ' }}{%- endif -%}"))
+    with pytest.raises(TemplateMaskError, match="does not render an assistant message's content"):
+        encode_messages(drops_replies, messages)
 
 
 def test_chatml_trained_text(tokenizer):
@@ -164,7 +178,7 @@ def test_simple_chat_trained_text(tokenizer):
     assert _trained_text(simple, example) == "hello<|endoftext|>ciao<|endoftext|>"
 
 
-@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+@pytest.mark.parametrize("name", sorted(set(CHAT_TEMPLATES) - set(TOOL_TEMPLATES)))
 def test_templates_render_prefixes_as_prefixes(tokenizer, name):
     templated = _with_template(tokenizer, get_chat_template(name))
     text, spans = assistant_char_spans(templated, CONVERSATION)

@@ -269,6 +269,27 @@ def test_debug_script_interface(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_tools_recipe_trains_and_evaluates_tool_calls_and_reasoning(tiny_model_dir, tmp_path):
+    """scripts/train/debug/finetune_tools.sh: the hermes-rendered tool_calc and reasoning rows train, the three
+    generation scores are logged before and after, the stats count reasoning, calls and results, and the held-out
+    check prints the model's calls."""
+    out = tmp_path / "tools"
+    env = clean_env(OUTPUT_DIR=str(out), TINY_MODEL_DIR=str(tiny_model_dir), PYTHON=sys.executable)
+    result = subprocess.run(["bash", "scripts/train/debug/finetune_tools.sh",
+                             *with_cache_dir(["--dataset_mixer_list", "synthetic:tool_calc", "32", "synthetic:reasoning",
+                                              "32", "--max_train_steps", "3", "--logging_steps", "1",
+                                              "--eval_max_examples", "2", "--eval_tasks", "tool_calc", "reasoning"])],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    evals = [m for m in read_metrics(out) if "eval_seconds" in m]
+    assert [m["step"] for m in evals] == [0, 3]
+    assert {"eval/tool_calc_call_accuracy", "eval/tool_calc_answer_accuracy", "eval/reasoning_accuracy"} <= set(evals[0])
+    stats = {s["name"]: s for s in json.loads((out / "dataset_stats.json").read_text())}
+    assert (stats["synthetic:tool_calc"]["rows_with_tool_calls"], stats["synthetic:tool_calc"]["tool_results"]) == (32, 32)
+    assert (stats["synthetic:reasoning"]["rows_with_reasoning"], stats["synthetic:reasoning"]["rows_with_tool_calls"]) == (32, 0)
+    assert "user: What is" in result.stdout and "held-out exact match:" in result.stdout
+
+
 def test_debug_script_trains_a_given_model_and_dataset(tiny_model_dir, tmp_path):
     """MODEL=... DATASET=... takes the real-model branch of the recipe with no code change (local paths here)."""
     data = tmp_path / "chats.jsonl"
