@@ -87,7 +87,7 @@ def run_ours(data: Path, tokenizer, cache: Path, num_proc: int, max_seq_length: 
     from open_instruct import data_cache
 
     args = SimpleNamespace(dataset_mixer_list=[str(data), "1.0"], dataset_mixer_list_splits=["train"],
-                           dataset_mixer_file=None, max_seq_length=max_seq_length, train_on="assistant",
+                           dataset_mixer_file=None, max_seq_length=max_seq_length, train_on="assistant", train_reasoning="all_turns",
                            truncation="whole_turns", add_bos=False, skip_bad_rows=False, max_unmaskable_fraction=0.01,
                            dataset_local_cache_dir=str(cache), dataset_skip_cache=False, dataset_num_proc=num_proc,
                            dataset_cache_on_damage="rebuild", seed=0)

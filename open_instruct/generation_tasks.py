@@ -3,7 +3,7 @@ a reply is scored. Pure text functions; evaluation.py runs the generation.
 
     spelling, reverse, letter_count, arithmetic   exact match of the reply with the answer
     reasoning        the text after the reply's last </think> (the whole reply without one) equals the answer
-    tool_calc        two tasks: tool_calc_call (the reply's first JSON object parses, names the row's tool and has
+    tool_calc        two tasks: tool_calc_call (the reply's first JSON object parses, names the called tool and has
                      exactly the expected arguments) and tool_calc_answer (given the expected call and the tool's
                      result, the final reply equals the result)
 """
@@ -117,7 +117,7 @@ def generation_tasks(name: str, tokenizer, limit: int | None, add_bos: bool) -> 
     if name == "tool_calc":
         calls, answers = [], []
         for row in rows:
-            messages, tools = row["messages"], row["tools"]
+            messages, tools = row["messages"], row.get("tools")
             call = messages[1]["tool_calls"][0]["function"]
             calls.append((messages, tools, 1, json.dumps({"name": call["name"], "arguments": call["arguments"]})))
             answers.append((messages, tools, 3, messages[3]["content"]))

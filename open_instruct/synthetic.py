@@ -43,15 +43,15 @@ def letter_count(rng: random.Random) -> tuple[str, str]:
     return f"How many times does the letter {letter} appear in {word}?", str(word.count(letter))
 
 
-CALCULATOR = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluate an arithmetic expression.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
-
-
 def tool_calc(rng: random.Random) -> dict:
     """The user asks a sum, difference or product; the assistant calls the calculator with the expression, the tool
     answers, the assistant repeats the result. The model learns the call's format and arguments and to read the
-    result, not to multiply."""
+    result, not to multiply.
+
+    The rows carry no `tools` list: every tool template renders the schemas as a few hundred tokens of system text,
+    and behind that preamble the embedded tiny model (trained from scratch) did not learn to copy the operands or the
+    result within 2,400 steps, where without it it gets 30/30 of both after 800 (docs/benchmarks.md). Rows with a
+    tools list are covered by the template tests."""
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     op = rng.choice("+-*")
     a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
@@ -63,7 +63,7 @@ def tool_calc(rng: random.Random) -> dict:
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": result},
         {"role": "assistant", "content": result},
-    ], "tools": [CALCULATOR]}
+    ]}
 
 
 def reasoning(rng: random.Random) -> dict:
