@@ -279,7 +279,9 @@ class FinetuneArgs:
     eval_tasks: list[str] = _field(
         [],
         "Accuracy tasks: synthetic task names (spelling, reverse, letter_count, arithmetic: greedy generation, exact "
-        "match on their held-out test split) and mc:<file.jsonl> (multiple choice, fields question, choices, answer "
+        "match on their held-out test split; tool_calc: logged as tool_calc_call, the generated call parses as JSON "
+        "with the right tool and arguments, and tool_calc_answer, the answer after the tool's result; reasoning: the "
+        "answer after </think>) and mc:<file.jsonl> (multiple choice, fields question, choices, answer "
         "as index or letter: the option with the highest log-likelihood as the assistant reply wins).",
     )
     eval_every: int | None = _field(
