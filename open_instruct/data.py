@@ -32,6 +32,7 @@ from open_instruct.tokenization import (
     backend,
     labels_from_offsets,
     num_trained_tokens,
+    select_train_on,
     spans_and_highlights,
     token_ranges,
     truncated,
@@ -426,8 +427,7 @@ def encode_batch(batch: dict, tokenizer, fmt: str, columns: dict | None, options
             messages, tools = formats.to_chat(decode_row(_row_at(batch, position)), fmt, columns)
             text, spans, highlights = spans_and_highlights(tokenizer, messages, options["add_bos"], tools,
                                                            options["train_reasoning"])
-            spans = [(0, len(text))] if options["train_on"] == "all" else spans
-            spans = spans[-1:] if options["train_on"] == "last_assistant" else spans
+            spans = select_train_on(text, spans, options["train_on"])
             rendered.append((messages, tools, text, (spans, highlights)))
         except formats.RowError as exc:
             rendered.append((None, None, "bad_row", str(exc)))

@@ -100,12 +100,17 @@ def _without(start: int, end: int, cut: tuple[int, int] | None) -> list[tuple[in
 def trained_spans(tokenizer, messages: list[dict], train_on: str, add_bos: bool, tools: list[dict] | None = None,
                   reasoning: str = "all_turns") -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans that have a loss under `train_on` and `reasoning`."""
+    text, spans = assistant_char_spans(tokenizer, messages, add_bos, tools, reasoning)
+    return text, select_train_on(text, spans, train_on)
+
+
+def select_train_on(text: str, spans: list[tuple[int, int]], train_on: str) -> list[tuple[int, int]]:
+    """Of the assistant turns' spans, those that have a loss under `train_on`."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-    text, spans = assistant_char_spans(tokenizer, messages, add_bos, tools, reasoning)
     if train_on == "all":
-        return text, [(0, len(text))]
-    return text, spans[-1:] if train_on == "last_assistant" else spans  # the last turn is never cut in two
+        return [(0, len(text))]
+    return spans[-1:] if train_on == "last_assistant" else spans  # the last turn is never cut in two
 
 
 def token_ranges(offsets, spans) -> list[tuple[int, int]]:
