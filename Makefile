@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Without a GPU we install the CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: venv debug test test-fast clean slurm-deps
+.PHONY: venv debug test test-fast clean slurm-deps gpu-check gpu-wheels
 
 venv: $(STAMP)
 
@@ -34,6 +34,18 @@ slurm-deps:
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not integration and not multiprocess and not slurm"
+
+# One command for a short GPU loan (benchmarks/gpu_check.py): installs what the GPU image lacks from .whl/, runs the
+# gpu tests and the throughput matrix, writes gpu_check.json/.md to $(OUT) (or output/gpu-check). On the GPU machine it
+# uses its own python3 (the one with CUDA torch) unless this checkout has a venv. DRY_RUN=1: the same on CPU, tiny model.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),output/gpu-check)
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check: $(if $(DRY_RUN),$(STAMP))
+	$(if $(DRY_RUN),$(PY),$(GPU_PY)) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(DRY_RUN),--dry_run)
+
+# Here, ahead of a GPU loan: wheels of what the GPU image lacks, at this venv's tested versions (carry .whl there).
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --prepare_wheels .whl
 
 clean:
 	rm -rf $(VENV) output

@@ -13,6 +13,7 @@ example*, so a packed row never asks one example to predict the next example's f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -172,6 +173,41 @@ def split_global_batch(global_batch: np.ndarray, lengths: np.ndarray, num_proces
         plan = [best_fit_decreasing(s, lengths[s], micro_batch_tokens) for s in shares]
     micro_steps = max(len(micro) for micro in plan)
     return [micro + [[] for _ in range(micro_steps - len(micro))] for micro in plan]
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """Token counts of one optimizer step over every process, as collate (and shard_row) count them, but computed on
+    the host from the split, so the step needs no all-reduce of counts and no device-to-host copy before its loss
+    can be normalized (a host sync that would stall the GPU queue at every step)."""
+
+    trained: int  # positions with a loss, the normalizer of --loss_reduction mean
+    tokens: int  # real tokens
+    tokens_with_padding: int  # positions computed, padding included
+    # per micro-step, the most trained positions any process has: the chunked loss's chunk count (None under
+    # sequence parallelism, where each piece's count is only known where it is cut)
+    micro_step_trained: tuple[int, ...] | None
+    local_trained: int  # this process's share of `trained`: checked against its collated batches
+
+    @classmethod
+    def of(cls, split: list[list[list[int]]], lengths: np.ndarray, trained_lengths: np.ndarray, padding_free: bool,
+           rank: int, sequence_parallel: int = 1) -> StepCounts:
+        """`split`: split_global_batch's [process][micro-step] -> examples, for every data-parallel process;
+        `rank`: this process's data-parallel rank."""
+        def padded_size(share) -> int:
+            if not padding_free:
+                return len(share) * int(lengths[share].max()) if len(share) else 0
+            if sequence_parallel == 1:
+                return int(lengths[share].sum())
+            row = max(1, int(lengths[share].sum()))  # an empty share is a one-token row, cut like the others
+            return -(-row // sequence_parallel) * sequence_parallel
+
+        trained = [[int(trained_lengths[share].sum()) for share in micro] for micro in split]
+        per_step = tuple(max(column) for column in zip(*trained)) if sequence_parallel == 1 else None
+        return cls(trained=sum(map(sum, trained)),
+                   tokens=sum(int(lengths[share].sum()) for micro in split for share in micro),
+                   tokens_with_padding=sum(padded_size(share) for micro in split for share in micro),
+                   micro_step_trained=per_step, local_trained=sum(trained[rank]))
 
 
 def targets_for(labels: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from open_instruct import hub
 from open_instruct.args import FinetuneArgs, args_to_dict, describe_fine_tune, parse_args, uses_lora
-from open_instruct.batching import BatchPlan, collate, split_global_batch
+from open_instruct.batching import BatchPlan, StepCounts, collate, split_global_batch
 from open_instruct.checkpointing import (
     CheckpointError,
     Checkpointer,
@@ -280,30 +280,44 @@ def make_plan(args: FinetuneArgs, dims: ParallelDims, mixture: TokenizedMixture)
 # One optimizer step
 # ----------------------------------------------------------------------------------------------------------------
 def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: FinetuneArgs, dims: ParallelDims,
-                  pad_id: int) -> list[dict]:
+                  pad_id: int) -> tuple[list[dict], StepCounts]:
     """This process's micro-batches of optimizer step `step`: its data-parallel replica's share of the global batch
-    (see batching.split_global_batch) and, under sequence parallelism, its piece of each row (shard_row)."""
+    (see batching.split_global_batch) and, under sequence parallelism, its piece of each row (shard_row); and the
+    step's token counts over every process, computed here on the host (batching.StepCounts)."""
     row_tokens = args.max_tokens_per_micro_batch if args.padding_free else None
     split = split_global_batch(plan.global_batch(step), mixture.lengths, dims.data_parallel,
                                args.gradient_accumulation_steps, trained=mixture.trained_lengths,
                                micro_batch_tokens=row_tokens, padded=not args.padding_free)
+    counts = StepCounts.of(split, mixture.lengths, mixture.trained_lengths, args.padding_free, dims.dp_rank,
+                           dims.sequence_parallel)
     batches = [collate(*mixture.examples(share), args.padding_free, pad_id) if share else collate([], [], True, pad_id)
                for share in split[dims.dp_rank]]
+    collated = sum(batch["num_trained_tokens"] for batch in batches)
+    if collated != counts.local_trained:  # the cache's per-example counts must be what collation trains
+        raise DataError(f"Step {step + 1}: the tokenized cache counts {counts.local_trained} trained tokens for this "
+                        f"process's examples but they hold {collated}; delete the cache and prepare the data again.")
     if dims.sp_enabled:
         batches = [shard_row(batch, dims.sequence_parallel, dims.sp_rank, pad_id) for batch in batches]
-    return batches
+    return [pinned(batch) for batch in batches], counts
 
 
-def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], args: FinetuneArgs) -> dict:
-    """Forward/backward every micro-batch of this process, then one optimizer step. Returns global step metrics."""
-    local_counts = torch.tensor(
-        [sum(b[key] for b in batches) for key in ("num_trained_tokens", "num_tokens", "num_tokens_with_padding")],
-        dtype=torch.long, device=accelerator.device,
-    )
-    trained, tokens, tokens_with_padding = accelerator.reduce(local_counts, reduction="sum").tolist()
+def pinned(batch: dict) -> dict:
+    """On CUDA, the batch's tensors in page-locked memory: their copies to the GPU can then be asynchronous (from
+    pageable memory, CUDA waits for all queued GPU work before every copy: a host sync per micro-step)."""
+    if not torch.cuda.is_available():
+        return batch
+    return {key: value.pin_memory() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], counts: StepCounts,
+               args: FinetuneArgs) -> dict:
+    """Forward/backward every micro-batch of this process, then one optimizer step. Returns global step metrics.
+
+    `counts` (from micro_batches) are the whole step's, so the loss is normalized without waiting for the GPU."""
+    trained = counts.trained
     normalizer = trained if args.loss_reduction == "mean" else 1  # sum: the raw token sum, as Tulu-3 8B was trained
-    chunks = (loss_chunks_per_micro_batch(accelerator, batches, args.loss_chunk_size) if args.use_liger_kernel
-              else [None] * len(batches))
+    chunks = (loss_chunks_per_micro_batch(accelerator, batches, counts, args.loss_chunk_size)
+              if args.use_liger_kernel else [None] * len(batches))
     loss_sum_local = torch.zeros((), device=accelerator.device)
     grad_norm = None
     # The micro-steps of this optimizer step (fixed, or as many packed rows as the data needs): accelerate syncs and
@@ -313,8 +327,8 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
     model.train()
     for batch, num_chunks in zip(batches, chunks):
         with accelerator.accumulate(model):
-            inputs = {key: batch[key].to(accelerator.device) for key in MODEL_INPUTS if key in batch}
-            targets = batch["target_ids"].to(accelerator.device)
+            inputs = {key: batch[key].to(accelerator.device, non_blocking=True) for key in MODEL_INPUTS if key in batch}
+            targets = batch["target_ids"].to(accelerator.device, non_blocking=True)
             # use_cache=False is load-bearing: transformers derives packed-example boundaries only without a KV cache.
             if args.use_liger_kernel:  # the model is a ChunkedLossModel: no full logits tensor
                 loss_sum = model(**inputs, target_ids=targets, num_chunks=num_chunks, use_cache=False)
@@ -332,8 +346,8 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
             optimizer.zero_grad()
         loss_sum_local += loss_sum.detach().float()
     loss = accelerator.reduce(loss_sum_local, reduction="sum").item() / max(trained, 1)
-    return {"train_loss": loss, "grad_norm": grad_norm, "trained_tokens": trained, "tokens": tokens,
-            "tokens_with_padding": tokens_with_padding}
+    return {"train_loss": loss, "grad_norm": grad_norm, "trained_tokens": trained, "tokens": counts.tokens,
+            "tokens_with_padding": counts.tokens_with_padding}
 
 
 def backward_divisor(accelerator: Accelerator, micro_steps: int) -> int:
@@ -363,13 +377,18 @@ def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, 
     return record
 
 
-def loss_chunks_per_micro_batch(accelerator: Accelerator, batches: list[dict], chunk_size: int) -> list[int | None]:
+def loss_chunks_per_micro_batch(accelerator: Accelerator, batches: list[dict], counts: StepCounts,
+                                chunk_size: int) -> list[int | None]:
     """Chunks of the chunked loss per micro-step, equal on every process: under ZeRO-3 each output-layer call is a
-    collective, so all processes must make the same number (sized by the process with the most trained tokens)."""
+    collective, so all processes must make the same number (sized by the process with the most trained tokens, known
+    on the host from the split; only the pieces of sequence-parallel rows are counted where they are cut, and
+    gathered)."""
     if accelerator.num_processes == 1:
         return [None] * len(batches)
-    local = torch.tensor([[b["num_trained_tokens"] for b in batches]], device=accelerator.device)
-    most = accelerator.gather(local).max(dim=0).values.tolist()
+    most = counts.micro_step_trained
+    if most is None:
+        local = torch.tensor([[b["num_trained_tokens"] for b in batches]], device=accelerator.device)
+        most = accelerator.gather(local).max(dim=0).values.tolist()
     return [max(1, math.ceil(count / chunk_size)) for count in most]
 
 
@@ -486,9 +505,9 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
             stop_run(reason, step, total_steps, checkpointer, first_loss, counters)
         learning_rate = scheduler.get_last_lr()[0]
         started = time.perf_counter()
-        batches = micro_batches(mixture, plan, step, args, dims, pad_id)
+        batches, counts = micro_batches(mixture, plan, step, args, dims, pad_id)
         counters.data_seconds += time.perf_counter() - started
-        result = train_step(accelerator, model, optimizer, batches, args)
+        result = train_step(accelerator, model, optimizer, batches, counts, args)
         scheduler.step()
         counters.add(result["tokens"], result["tokens_with_padding"], result["trained_tokens"])
         counters.model_flops += flops_model.step_flops(mixture.lengths[plan.global_batch(step)], result["trained_tokens"])

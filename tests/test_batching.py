@@ -278,14 +278,65 @@ def test_trainer_cuts_micro_batches_into_rows_of_max_tokens_per_micro_batch():
 
     rng = np.random.default_rng(8)
     ids = [rng.integers(1, 50, size=n).astype(np.int32) for n in rng.integers(20, 200, size=40)]
-    mixture = SimpleNamespace(lengths=np.array([len(x) for x in ids]), trained_lengths=np.array([len(x) // 2 for x in ids]),
+    mixture = SimpleNamespace(lengths=np.array([len(x) for x in ids]), trained_lengths=np.array([len(x) - 1 for x in ids]),
                               examples=lambda indices: ([ids[i] for i in indices], [ids[i] for i in indices]))
     one_process = ParallelDims(world_size=1)
     plan = BatchPlan(40, 16, seed=0)
     common = dict(model_name_or_path="m", dataset_mixer_list=["x", "1"], max_seq_length=256, global_batch_size=16)
-    rows = micro_batches(mixture, plan, 0, FinetuneArgs(**common, max_tokens_per_micro_batch=256), one_process, 0)
-    single = micro_batches(mixture, plan, 0, FinetuneArgs(**common), one_process, 0)
+    rows, _ = micro_batches(mixture, plan, 0, FinetuneArgs(**common, max_tokens_per_micro_batch=256), one_process, 0)
+    single, _ = micro_batches(mixture, plan, 0, FinetuneArgs(**common), one_process, 0)
     assert len(single) == 1 and single[0]["num_tokens"] > 256
     assert len(rows) > 1 and all(batch["input_ids"].shape == (1, batch["num_tokens"]) for batch in rows)
     assert all(batch["num_tokens"] <= 256 for batch in rows)
     assert sum(batch["num_tokens"] for batch in rows) == single[0]["num_tokens"]
+
+
+@pytest.mark.parametrize("padding_free,processes,sp,budget", [(True, 1, 1, None), (True, 3, 1, 300), (False, 2, 1, None),
+                                                             (True, 4, 2, 300), (True, 2, 2, None), (True, 6, 3, 250)])
+def test_step_counts_on_the_host_equal_the_collated_batches_of_every_process(padding_free, processes, sp, budget):
+    """StepCounts replaces an all-reduce of each process's collated counts: it must give exactly what that all-reduce
+    gave (summed over every process, sequence-parallel pieces included) and, per micro-step, the most trained
+    positions any process collated (the chunked loss's chunk count)."""
+    from open_instruct.batching import StepCounts
+    from open_instruct.sequence_parallel import shard_row
+
+    rng = np.random.default_rng(processes * 10 + sp)
+    ids = [rng.integers(1, 50, size=n).astype(np.int64) for n in rng.integers(2, 120, size=30)]
+    labels = [np.where(rng.random(len(x)) < 0.4, -100, x) for x in ids]
+    lengths = np.array([len(x) for x in ids])
+    trained = np.array([(y[1:] != -100).sum() for y in labels])
+    dp = processes // sp
+    split = split_global_batch(np.arange(7), lengths, dp, 3, trained=trained, micro_batch_tokens=budget,
+                               padded=not padding_free)
+    totals, per_step = np.zeros(3, dtype=int), []
+    for rank in range(processes):
+        dp_rank, sp_rank = divmod(rank, sp)
+        batches = [collate([ids[i] for i in share], [labels[i] for i in share], padding_free, 0) if share
+                   else collate([], [], True, 0) for share in split[dp_rank]]
+        if sp > 1:
+            batches = [shard_row(b, sp, sp_rank, 0) for b in batches]
+        totals += [sum(b[k] for b in batches) for k in ("num_trained_tokens", "num_tokens", "num_tokens_with_padding")]
+        per_step.append([b["num_trained_tokens"] for b in batches])
+    counts = StepCounts.of(split, lengths, trained, padding_free, rank=0, sequence_parallel=sp)
+    assert (counts.trained, counts.tokens, counts.tokens_with_padding) == tuple(totals)
+    if sp == 1:
+        assert counts.micro_step_trained == tuple(np.max(per_step, axis=0))
+        assert counts.local_trained == sum(per_step[0])
+    else:
+        assert counts.micro_step_trained is None
+
+
+def test_micro_batches_refuse_a_cache_whose_trained_counts_disagree_with_its_labels():
+    from types import SimpleNamespace
+
+    from open_instruct.args import FinetuneArgs
+    from open_instruct.data import DataError
+    from open_instruct.finetune import micro_batches
+    from open_instruct.parallel_dims import ParallelDims
+
+    ids = [np.arange(1, n + 1, dtype=np.int32) for n in (10, 20, 30, 40)]
+    mixture = SimpleNamespace(lengths=np.array([10, 20, 30, 40]), trained_lengths=np.array([9, 19, 29, 38]),
+                              examples=lambda indices: ([ids[i] for i in indices], [ids[i] for i in indices]))
+    args = FinetuneArgs(model_name_or_path="m", dataset_mixer_list=["x", "1"], max_seq_length=64, global_batch_size=4)
+    with pytest.raises(DataError, match="delete the cache"):
+        micro_batches(mixture, BatchPlan(4, 4, seed=0), 0, args, ParallelDims(world_size=1), 0)
