@@ -7,7 +7,8 @@
 
 Everything before `--` is about the cluster; after it comes the command you would run on one machine. mason parses
 it with accelerate's launch parser and the trainer's own flags parser, checks that the data and the model exist,
-prints the global batch and a per-GPU memory plan (refusing a job that clearly can't fit unless --force), then:
+prints the global batch, a per-GPU memory plan (refusing a job that clearly can't fit unless --force) and a time plan
+(step time, tokens/s per GPU, wall time: an estimate), then:
 
   --backend slurm   writes an sbatch script into the run's logs folder and submits it (--dry_run prints it instead)
   --backend local   runs the node commands on this machine (several "nodes" on 127.0.0.1 when --num_nodes > 1)
@@ -69,6 +70,21 @@ class MasonArgs:
         "help": "Slurm: do not requeue a job that stopped with a checkpoint before its time limit (it then just "
                 "ends; rerun the same command to continue)."})
     gpu_memory_gb: float = field(default=80.0, metadata={"help": "Memory of one GPU, for the memory plan."})
+    gpu_kind: str = field(default="H100", metadata={
+        "help": "GPU model, for the time plan's peak FLOP/s and in-node bandwidth: H100 (SXM), H100 PCIe, H100 NVL, "
+                "H200, A100 (SXM) or L40S."})
+    assumed_mfu: float = field(default=0.35, metadata={
+        "help": "Model FLOPs utilization the time plan assumes where open_instruct/assets/gpu_throughput.json has no "
+                "measured row for this GPU, configuration and model size."})
+    network_gbps: float = field(default=400.0, metadata={
+        "help": "Network bandwidth of each GPU between nodes in Gb/s, for the time plan (400: an NDR InfiniBand "
+                "port per GPU)."})
+    assumed_examples: int | None = field(default=None, metadata={
+        "help": "Examples per epoch the time plan assumes where no tokenized cache exists yet (e.g. the dataset "
+                "card's row count). Default: --max_train_steps x the global batch, else no time plan."})
+    assumed_tokens_per_example: float | None = field(default=None, metadata={
+        "help": "Mean tokens per example the time plan assumes without a tokenized cache. Default: --max_seq_length "
+                "(an upper bound)."})
     force: bool = field(default=False, metadata={"help": "Launch even if the memory plan says it will not fit."})
     prepare_data: bool = field(default=False, metadata={
         "help": "Tokenize the mixture into the cache here first (python -m open_instruct.prepare_data), so the "
@@ -120,6 +136,7 @@ def parse_mason_args(tokens: list[str]) -> MasonArgs:
         errors.append("--dry_run has no effect with --backend print (it only prints).")
     if args.grace_seconds < 1:
         errors.append(f"--grace_seconds must be at least 1, got {args.grace_seconds}.")
+    errors += time_plan_errors(args)
     if args.backend != "slurm":
         errors += [f"--{name} only applies to --backend slurm." for name in
                    ("partition", "account", "qos", "time", "cpus_per_node") if getattr(args, name) is not None]
@@ -128,6 +145,18 @@ def parse_mason_args(tokens: list[str]) -> MasonArgs:
     if errors:
         raise LaunchError("\n".join(errors))
     return args
+
+
+def time_plan_errors(args: MasonArgs) -> list[str]:
+    from open_instruct.time_plan import INTRA_NODE
+
+    errors = [] if args.gpu_kind in INTRA_NODE else [f"--gpu_kind {args.gpu_kind!r}: one of {', '.join(INTRA_NODE)}."]
+    if not 0 < args.assumed_mfu <= 1:
+        errors.append(f"--assumed_mfu must be in (0, 1], got {args.assumed_mfu}.")
+    errors += [f"--{name} must be positive, got {getattr(args, name)}." for name in
+               ("network_gbps", "assumed_examples", "assumed_tokens_per_example")
+               if getattr(args, name) is not None and getattr(args, name) <= 0]
+    return errors
 
 
 def layout_of(args: MasonArgs) -> Layout:
@@ -168,40 +197,51 @@ def print_plan(spec: LaunchSpec, layout: Layout, trainer_args, warnings: list[st
 def print_resume_plan(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None) -> None:
     """Which checkpoint the job will continue, and on which layout (open_instruct/elastic.py reshards it): a job
     resubmitted with another --num_nodes resumes the run."""
+    from open_instruct.args import global_batch_examples
     from open_instruct.elastic import Layout as ProcessLayout
     from open_instruct.elastic import resume_plan
 
-    stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) if spec.use_deepspeed else None
     unit = "GPU" if args.gpus_per_node else "process"
     if trainer_args.global_batch_tokens is not None:
         global_batch = f"{trainer_args.global_batch_tokens} tokens"
     else:  # as the trainer resolves it (finetune.make_plan)
-        examples = trainer_args.global_batch_size or (trainer_args.per_device_train_batch_size
-                                                      * trainer_args.gradient_accumulation_steps * layout.world_size
-                                                      // trainer_args.sequence_parallel_size)
-        global_batch = f"{examples} examples"
+        global_batch = f"{global_batch_examples(trainer_args, layout.world_size)} examples"
     line = resume_plan(trainer_args.output_dir, trainer_args.resume_from_checkpoint,
-                       ProcessLayout(layout.world_size, stage), global_batch, unit)
+                       ProcessLayout(layout.world_size, zero_stage(spec, ds_config)), global_batch, unit)
     if line:
         print(f"resume: {line}")
 
 
-def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None) -> None:
+def zero_stage(spec: LaunchSpec, ds_config: dict | None) -> int | None:
+    """The DeepSpeed config's ZeRO stage; None without DeepSpeed."""
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) if spec.use_deepspeed else None
+
+
+def read_model(trainer_args) -> tuple[object, int] | str:
+    """(config, parameter count) for the memory and time plans, or the one-line reason they are skipped."""
+    from open_instruct.memory_plan import count_parameters, load_model_config
+
+    config, reason = load_model_config(trainer_args.model_name_or_path, trainer_args.model_revision)
+    if config is None:
+        return f"cannot read the model's config: {reason}"
+    try:
+        return config, count_parameters(config)
+    except Exception as exc:  # e.g. an architecture that needs remote code: the plans are advice, not a gate
+        return f"cannot build {config.model_type} on the meta device: {type(exc).__name__}"
+
+
+def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None,
+                 model: tuple[object, int] | str) -> None:
     """Print the per-GPU memory plan; refuse a job that clearly can't fit unless --force."""
-    from open_instruct.memory_plan import count_parameters, load_model_config, plan_memory
+    from open_instruct.memory_plan import plan_memory
 
     if args.gpus_per_node == 0:
         print("memory plan: CPU nodes, no GPU memory to plan")
         return
-    config, reason = load_model_config(trainer_args.model_name_or_path, trainer_args.model_revision)
-    if config is None:
-        print(f"memory plan: skipped (cannot read the model's config: {reason})")
+    if isinstance(model, str):
+        print(f"memory plan: skipped ({model})")
         return
-    try:
-        num_params = count_parameters(config)
-    except Exception as exc:  # e.g. an architecture that needs remote code: the plan is advice, not a gate
-        print(f"memory plan: skipped (cannot build {config.model_type} on the meta device: {type(exc).__name__})")
-        return
+    config, num_params = model
     plan = plan_memory(trainer_args, config, num_params, layout.world_size, ds_config if spec.use_deepspeed else None,
                        mixed_precision=spec.mixed_precision or "no", gpus_per_node=layout.processes_per_node)
     print("memory plan per GPU (an estimate):\n" + plan.format(args.gpu_memory_gb))
@@ -213,6 +253,83 @@ def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args
                               f"--gpu_memory_gb {args.gpu_memory_gb:g} allows. Try {advice}; or --force to launch "
                               "anyway.")
         print("warning: the memory plan says this will not fit; launching anyway (--force)")
+
+
+def tokenized_cache(trainer_args):
+    """(the tokenized mixture the run will read, its folder), or (None, why there is none): from the cache alone,
+    without tokenizing."""
+    from open_instruct.data_cache import cached_mixture
+    from open_instruct.model_utils import load_tokenizer
+
+    step = "load the tokenizer"  # the cache key covers it
+    try:
+        tokenizer = load_tokenizer(trainer_args)
+        step = "compute the cache key"
+        mixture, path = cached_mixture(trainer_args, tokenizer)
+    except Exception as exc:  # noqa: BLE001 - no tokenizer offline, a bad spec...: the plan is advice
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return None, f"no tokenized cache found: cannot {step} ({type(exc).__name__}: {first_line})"
+    return (mixture, path) if mixture is not None else (None, f"no tokenized cache at {path} yet")
+
+
+def data_counts(args: MasonArgs, trainer_args, world_size: int):
+    """The time plan's data: the tokenized cache's counts, else the assumed ones (--assumed_examples, or
+    --max_train_steps x the global batch, at --assumed_tokens_per_example or --max_seq_length tokens each), else
+    the reason there is no time plan."""
+    from open_instruct.args import global_batch_examples
+    from open_instruct.time_plan import DataCounts
+
+    mixture, where = tokenized_cache(trainer_args)
+    if mixture is not None:
+        return DataCounts.of_lengths(mixture.lengths, mixture.trained_lengths,
+                                     f"counted in the tokenized cache {where}")
+    per_example = args.assumed_tokens_per_example or trainer_args.max_seq_length
+    examples, whence = args.assumed_examples, "--assumed_examples"
+    if examples is None and trainer_args.max_train_steps:
+        batch = global_batch_examples(trainer_args, world_size) or trainer_args.global_batch_tokens / per_example
+        examples, whence = round(trainer_args.max_train_steps * batch), "--max_train_steps x the global batch"
+    if examples is None:
+        return f"{where}; --prepare_data fills it, or state --assumed_examples"
+    length = ("--assumed_tokens_per_example" if args.assumed_tokens_per_example
+              else "--max_seq_length, an upper bound")
+    return DataCounts.assumed(examples, per_example, f"assumed: {whence}, {length}; {where}")
+
+
+def print_time_plan(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None,
+                    model: tuple[object, int] | str) -> None:
+    """Print the run's time plan (open_instruct/time_plan.py), or one line saying why there is none."""
+    from open_instruct.args import uses_lora
+
+    if args.gpus_per_node == 0:
+        print("time plan: CPU nodes, no GPU time to plan")
+        return
+    counts = (model if isinstance(model, str) else "LoRA runs are not modelled" if uses_lora(trainer_args)
+              else data_counts(args, trainer_args, layout.world_size))
+    if not isinstance(counts, str):
+        try:
+            print(time_plan(args, spec, layout, trainer_args, ds_config, model, counts).format())
+            return
+        except ValueError as exc:  # less than one global batch: the trainer refuses it with its own message
+            counts = str(exc)
+    print(f"time plan: skipped ({counts})")
+
+
+def time_plan(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None,
+              model: tuple[object, int], counts):
+    from open_instruct.memory_plan import flops_model, half_precision
+    from open_instruct.time_plan import (
+        compute_rate, configuration, link_bandwidth, load_table, plan_time, published_run, workload,
+    )
+
+    config, num_params = model
+    half = spec.use_deepspeed and half_precision(ds_config, spec.mixed_precision or "no")
+    rate = compute_rate(args.gpu_kind, configuration(trainer_args), num_params, args.assumed_mfu, load_table())
+    plan = plan_time(flops_model(config), num_params, workload(trainer_args, counts, layout.world_size),
+                     world_size=layout.world_size, stage=zero_stage(spec, ds_config), rate=rate,
+                     link=link_bandwidth(args.gpu_kind, layout.num_nodes, args.network_gbps),
+                     value_bytes=2 if half else 4)
+    plan.reference = published_run(trainer_args, layout.world_size, args.gpu_kind)
+    return plan
 
 
 def launch_print(spec: LaunchSpec, layout: Layout, env: dict, secrets: list[str]) -> None:
@@ -286,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings += check_sources(trainer_args, ask_hub=not args.skip_hub_checks)
         print_plan(spec, layout, trainer_args, warnings)
         print_resume_plan(args, spec, layout, trainer_args, ds_config)
-        check_memory(args, spec, layout, trainer_args, ds_config)
+        model = read_model(trainer_args) if args.gpus_per_node else "CPU nodes"
+        check_memory(args, spec, layout, trainer_args, ds_config, model)
+        print_time_plan(args, spec, layout, trainer_args, ds_config, model)
         if args.prepare_data and not args.dry_run:
             run_prepare_data(spec)
         if args.backend == "print":

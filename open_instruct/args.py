@@ -654,9 +654,17 @@ def describe_global_batch(args: FinetuneArgs, num_processes: int | None) -> str:
                   "steps")
     if num_processes is None:
         return f"{per_device} x the number of processes, in examples per optimizer step"
-    replicas = num_processes // args.sequence_parallel_size  # a sequence-parallel group trains one share together
-    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * replicas
+    replicas = num_processes // args.sequence_parallel_size
+    total = global_batch_examples(args, num_processes)
     who = (f"{replicas} data-parallel replica{'s' if replicas != 1 else ''} ({num_processes} processes / sequence "
            f"parallel {args.sequence_parallel_size})" if args.sequence_parallel_size > 1
            else f"{num_processes} process{'es' if num_processes != 1 else ''}")
     return f"{per_device} x {who} = {total} examples per optimizer step"
+
+
+def global_batch_examples(args: FinetuneArgs, num_processes: int) -> int | None:
+    """Examples per optimizer step as the trainer resolves them (finetune.make_plan); None for a token budget."""
+    if args.global_batch_tokens is not None:
+        return None
+    replicas = num_processes // args.sequence_parallel_size  # a sequence-parallel group trains one share together
+    return args.global_batch_size or args.per_device_train_batch_size * args.gradient_accumulation_steps * replicas

@@ -156,10 +156,8 @@ def _discard(path: Path) -> None:
 def get_mixture(args, tokenizer, log=print, verify: bool = True) -> tuple[TokenizedMixture, str]:
     """The tokenized mixture for these args: from the cache when it is there (and, with `verify`, intact), else built
     (and cached). `verify=False` is for processes that load after one that verified the same cache."""
-    items = resolve_mixture(args)
+    items, key, path = _location(args, tokenizer)
     options = encode_options(args)
-    key = cache_key(items, tokenizer, args)
-    path = Path(args.dataset_local_cache_dir) / key
     if not args.dataset_skip_cache and (path / COMPLETED_MARKER).exists():
         if not verify or cache_is_intact(path, args.dataset_cache_on_damage):
             log(f"Loading the tokenized mixture from {path}")
@@ -171,4 +169,21 @@ def get_mixture(args, tokenizer, log=print, verify: bool = True) -> tuple[Tokeni
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, dataset, stats)
     log(f"Cached the tokenized mixture in {path}")
+    return _load(path, key), str(path)
+
+
+def _location(args, tokenizer) -> tuple[list[MixerItem], str, Path]:
+    """The mixture's sources, its cache key and the folder its cache has (or would have)."""
+    items = resolve_mixture(args)
+    key = cache_key(items, tokenizer, args)
+    return items, key, Path(args.dataset_local_cache_dir) / key
+
+
+def cached_mixture(args, tokenizer) -> tuple[TokenizedMixture | None, str]:
+    """(the mixture a run of these args would load, its folder) when its cache is complete, else (None, the folder
+    it would have). Neither tokenizes nor verifies checksums: for a plan (mason's time plan) that reads the examples'
+    lengths before any job runs."""
+    _, key, path = _location(args, tokenizer)
+    if args.dataset_skip_cache or not (path / COMPLETED_MARKER).exists():
+        return None, str(path)
     return _load(path, key), str(path)

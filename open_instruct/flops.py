@@ -63,10 +63,15 @@ class FlopsModel:
     def step_flops(self, lengths: np.ndarray, trained_tokens: int) -> float:
         """Model FLOPs of one optimizer step over examples of these lengths (see the module docstring)."""
         lengths = np.asarray(lengths, dtype=np.float64)
+        return self.flops(lengths.sum(), trained_tokens, (lengths ** 2).sum())
+
+    def flops(self, tokens: float, trained_tokens: float, sum_squared_lengths: float) -> float:
+        """Model FLOPs of `tokens` tokens in examples whose squared lengths sum to `sum_squared_lengths`: the totals
+        the formula needs, so a plan can price a whole run from its data's counts (time_plan.py)."""
         trainable = self.block_params - self.frozen_block_params
-        dense = (6.0 * trainable + 4.0 * self.frozen_block_params) * lengths.sum()
+        dense = (6.0 * trainable + 4.0 * self.frozen_block_params) * tokens
         output_layer = (4.0 if self.output_layer_frozen else 6.0) * self.vocab_size * self.hidden_size * trained_tokens
-        attention = 6.0 * self.num_layers * self.attention_width * (lengths ** 2).sum()
+        attention = 6.0 * self.num_layers * self.attention_width * sum_squared_lengths
         return dense + output_layer + attention
 
 

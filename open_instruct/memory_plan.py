@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from open_instruct.args import FinetuneArgs, uses_lora
+from open_instruct.flops import FlopsModel
 
 GiB = 2**30
 # Kept free on top of the plan: the CUDA context and NCCL's buffers (~1-2 GiB), the caching allocator's fragmentation
@@ -72,6 +73,11 @@ def count_parameters(config) -> int:
     """Exact parameter count of the causal LM described by `config` (tied embeddings counted once:
     `Module.parameters()` yields a shared tensor once)."""
     return sum(p.numel() for p in _meta_model(config).parameters())
+
+
+def flops_model(config) -> FlopsModel:
+    """The sizes that decide the model's training FLOPs (flops.FlopsModel), from its config: for the time plan."""
+    return FlopsModel.of(_meta_model(config))
 
 
 def largest_module_parameters(config) -> int:
@@ -217,7 +223,7 @@ def _offloaded(zero: dict, key: str) -> str | None:
     return device if device in ("cpu", "nvme") else None
 
 
-def _half_precision(ds_config: dict | None, mixed_precision: str) -> bool:
+def half_precision(ds_config: dict | None, mixed_precision: str) -> bool:
     """Whether the run trains in 16 bits. DeepSpeed's "auto" follows accelerate's --mixed_precision."""
     if ds_config is None:
         return mixed_precision in ("bf16", "fp16")
@@ -288,7 +294,7 @@ def plan_memory(args: FinetuneArgs, config, num_params: int, world_size: int, ds
     """
     zero = (ds_config or {}).get("zero_optimization") or {}
     stage = int(zero.get("stage", 0)) if ds_config is not None else 0
-    half = _half_precision(ds_config, mixed_precision)
+    half = half_precision(ds_config, mixed_precision)
     deepspeed_half = ds_config is not None and half
     weight_bytes = 2 if deepspeed_half else 4  # without DeepSpeed, accelerate keeps fp32 weights and autocasts
     grad_bytes = weight_bytes
