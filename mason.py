@@ -245,6 +245,7 @@ def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args
     plan = plan_memory(trainer_args, config, num_params, layout.world_size, ds_config if spec.use_deepspeed else None,
                        mixed_precision=spec.mixed_precision or "no", gpus_per_node=layout.processes_per_node)
     print("memory plan per GPU (an estimate):\n" + plan.format(args.gpu_memory_gb))
+    print_row_budget_advice(args, spec, layout, trainer_args, ds_config, model)
     if not plan.fits(args.gpu_memory_gb):
         advice = ("more nodes, ZeRO-3 (configs/ds_configs/), CPU offload, --gradient_checkpointing, "
                   "--use_liger_kernel or a smaller --max_seq_length")
@@ -253,6 +254,21 @@ def check_memory(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args
                               f"--gpu_memory_gb {args.gpu_memory_gb:g} allows. Try {advice}; or --force to launch "
                               "anyway.")
         print("warning: the memory plan says this will not fit; launching anyway (--force)")
+
+
+def print_row_budget_advice(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, ds_config: dict | None,
+                            model: tuple[object, int]) -> None:
+    """The largest packed-row budget the memory plan fits, next to the one the command asks for."""
+    from open_instruct.memory_plan import largest_row_budget
+
+    largest = largest_row_budget(trainer_args, *model, layout.world_size, ds_config if spec.use_deepspeed else None,
+                                 args.gpu_memory_gb, mixed_precision=spec.mixed_precision or "no")
+    if largest is None:
+        return
+    asked = trainer_args.max_tokens_per_micro_batch
+    print(f"  row budget: --max_tokens_per_micro_batch {largest} is the largest multiple of --max_seq_length that the "
+          f"plan fits (an estimate; {'the command asks ' + str(asked) if asked else 'the command packs none'}); "
+          "fewer, fuller micro-steps cost less per step")
 
 
 def tokenized_cache(trainer_args):
@@ -323,9 +339,10 @@ def time_plan(args: MasonArgs, spec: LaunchSpec, layout: Layout, trainer_args, d
 
     config, num_params = model
     half = spec.use_deepspeed and half_precision(ds_config, spec.mixed_precision or "no")
-    rate = compute_rate(args.gpu_kind, configuration(trainer_args), num_params, args.assumed_mfu, load_table())
+    stage = zero_stage(spec, ds_config)
+    rate = compute_rate(args.gpu_kind, configuration(trainer_args, stage), num_params, args.assumed_mfu, load_table())
     plan = plan_time(flops_model(config), num_params, workload(trainer_args, counts, layout.world_size),
-                     world_size=layout.world_size, stage=zero_stage(spec, ds_config), rate=rate,
+                     world_size=layout.world_size, stage=stage, rate=rate,
                      link=link_bandwidth(args.gpu_kind, layout.num_nodes, args.network_gbps),
                      value_bytes=2 if half else 4)
     plan.reference = published_run(trainer_args, layout.world_size, args.gpu_kind)

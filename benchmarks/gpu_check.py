@@ -259,6 +259,21 @@ def summary_lines(environment: dict, tests: dict, records: list[dict]) -> list[s
     return lines
 
 
+def table_rows(environment: dict, records: list[dict]) -> list[dict]:
+    """The measured rows in the form of open_instruct/assets/gpu_throughput.json (mason's time plan reads that table):
+    the best row budget per configuration, ready to add after a look."""
+    from open_instruct.flops import PEAK_BF16_TFLOPS
+
+    gpu = next((kind for kind in PEAK_BF16_TFLOPS if kind in environment["device"]), None)
+    best: dict[str, dict] = {}
+    for r in records:
+        if "mfu" in r and gpu and (Row.parse(r["row"]).config not in best or r["mfu"] > best[Row.parse(r["row"]).config]["mfu"]):
+            best[Row.parse(r["row"]).config] = r
+    return [{"gpu": gpu, "shape": "llama-3.2-1b", "params": r["params"], "config": config, "mfu": round(r["mfu"], 4),
+             "tokens_per_s": round(r["tokens_per_s"]), "source": f"make gpu-check, {environment['date']}, "
+             f"{environment['device']}, row {r['row']}, torch {environment['torch']}"} for config, r in best.items()]
+
+
 def describe_environment(cli) -> dict:
     import torch
 
@@ -277,6 +292,7 @@ def write_results(out: Path, environment: dict, packages: dict, tests: dict, rec
               "settings": {"steps": cli.steps, "warmup": cli.warmup, "global_batch_size": cli.global_batch_size,
                            "model": "tiny" if cli.tiny else "llama-1.2B", "budget_s": cli.budget_s}}
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    (out / "gpu_throughput_rows.json").write_text(json.dumps(table_rows(environment, records), indent=2))
     markdown = [f"# GPU check, {environment['date']}", "", f"`{environment['command']}`", "",
                 ", ".join(f"{k} {v}" for k, v in environment.items() if k not in ("date", "command")), "",
                 "Packages: " + "; ".join(f"{k}: {v}" for k, v in packages.items()), "",

@@ -91,6 +91,13 @@ class Row:
         return row
 
     @property
+    def config(self) -> str:
+        """The throughput table's key (open_instruct/assets/gpu_throughput.json): the row less its budget."""
+        from open_instruct.time_plan import config_key
+
+        return config_key(self.base, self.levers)
+
+    @property
     def deepspeed(self) -> bool:
         return self.base == "zero3"
 
@@ -227,12 +234,12 @@ def run_row(row: Row, model_dir: Path, mixture: SyntheticMixture, cli) -> dict:
     one_process_launch(row, cli.device)
     accelerator = finetune.build_accelerator(args)
     model, attn, dtype = build_model(row, args, accelerator)
-    flops_model = FlopsModel.of(model)
+    flops_model, params = FlopsModel.of(model), finetune.parameter_count(model)  # read before ZeRO-3 partitions
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
     plan, dims = BatchPlan(len(mixture), args.global_batch_size, seed=0), ParallelDims(1, 1, 0)
     record = {"row": row.name, "attention": attn, "weights_dtype": str(dtype).removeprefix("torch."),
-              "steps": cli.steps}
+              "steps": cli.steps, "params": params}
     cuda = cli.device == "cuda"
     try:
         record["plan_gb"] = memory_plan_bytes(row, args, model_dir) / 1e9

@@ -369,3 +369,33 @@ def _zero_buffers(zero: dict, stage: int, config, weight_bytes: int, grad_bytes:
     gathered = min(_ds_value(zero, "stage3_max_live_parameters", h),
                    largest + _ds_value(zero, "stage3_prefetch_bucket_size", h))
     return int(weight_bytes * gathered + grad_bytes * largest + overlap * grad_bytes * reduce_bucket)
+
+
+def largest_row_budget(args: FinetuneArgs, config, num_params: int, world_size: int, ds_config: dict | None,
+                       gpu_memory_gb: float, *, mixed_precision: str = "bf16", ceiling: int = 131072) -> int | None:
+    """The largest --max_tokens_per_micro_batch (a multiple of --max_seq_length, at most `ceiling` and at most one
+    GPU's share of the global batch at --max_seq_length each) whose plan fits
+    in `gpu_memory_gb` with the headroom: bigger packed rows mean fewer micro-steps, so less per-step overhead and,
+    under ZeRO-3, fewer weight gathers per optimizer step. A per-device batch is taken as the --global_batch_size it
+    adds up to (rows need one). None when padding-free rows are not in use or even one --max_seq_length row does not
+    fit."""
+    import dataclasses
+
+    from open_instruct.args import global_batch_examples
+
+    if not args.padding_free:
+        return None
+    examples = None if args.global_batch_tokens is not None else global_batch_examples(args, world_size)
+    if examples:  # a row never holds more than one GPU's share of the global batch
+        replicas = world_size // args.sequence_parallel_size
+        ceiling = min(ceiling, -(-examples // replicas) * args.max_seq_length)
+    best = None
+    for budget in range(args.max_seq_length, ceiling + 1, args.max_seq_length):
+        candidate = dataclasses.replace(args, max_tokens_per_micro_batch=budget, gradient_accumulation_steps=1,
+                                        per_device_train_batch_size=1, global_batch_size=examples)
+        if not plan_memory(candidate, config, num_params, world_size, ds_config,
+                           mixed_precision=mixed_precision).fits(gpu_memory_gb):
+            break
+        best = budget
+    return best
+

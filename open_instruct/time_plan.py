@@ -4,7 +4,7 @@ bound by compute (MFU is the lever) or by communication (fewer, fuller micro-ste
 is an estimate.
 
     work = workload(args, DataCounts.of_lengths(mixture.lengths, mixture.trained_lengths, "cache"), world_size=64)
-    rate = compute_rate("H100", configuration(args), num_params, assumed_mfu=0.35, rows=load_table())
+    rate = compute_rate("H100", configuration(args, zero_stage=3), num_params, assumed_mfu=0.35, rows=load_table())
     plan = plan_time(flops_model(config), num_params, work, world_size=64, stage=3, rate=rate,
                      link=link_bandwidth("H100", num_nodes=8, network_gbps=400))
     print(plan.format())
@@ -142,10 +142,23 @@ class Link:
     description: str
 
 
-def configuration(args: FinetuneArgs) -> str:
-    """The trainer configuration as benchmarks/gpu_throughput.py names it (the throughput table's key)."""
-    return (("padding-free" if args.padding_free else "padded") + ("+liger" if args.use_liger_kernel else "")
-            + ("+gc" if args.gradient_checkpointing else ""))
+# The levers of a configuration, in the order benchmarks/gpu_throughput.py spells its rows (zero3+liger+compile@N).
+CONFIG_LEVERS = ("liger", "flce", "compile", "gc", "lora", "qlora", "padded")
+
+
+def config_key(base: str, levers) -> str:
+    """A throughput-table key: `base` (zero3: DeepSpeed ZeRO-3; single: no DeepSpeed) and its levers in order."""
+    return "+".join([base, *(lever for lever in CONFIG_LEVERS if lever in levers)])
+
+
+def configuration(args: FinetuneArgs, zero_stage: int | None) -> str:
+    """The trainer configuration as benchmarks/gpu_throughput.py names its rows, less the row budget (the table's
+    key). ZeRO stages 1-2 have no measured rows: their key matches none, so the plan assumes an MFU."""
+    base = "single" if zero_stage is None else f"zero{zero_stage}"
+    flags = {"liger": args.use_liger_kernel, "compile": getattr(args, "torch_compile", False),
+             "gc": args.gradient_checkpointing, "lora": args.use_lora and not args.use_qlora,
+             "qlora": args.use_qlora, "padded": not args.padding_free}
+    return config_key(base, [lever for lever, on in flags.items() if on])
 
 
 def load_table(path: str | Path = TABLE_PATH) -> list[dict]:

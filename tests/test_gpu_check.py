@@ -90,3 +90,16 @@ def test_dry_run_goes_end_to_end_on_cpu_and_writes_its_results(tmp_path):
     markdown = (out / "gpu_check.md").read_text()
     assert "| row | tokens/s |" in markdown and "zero3+liger+compile@16384" in markdown
     assert "fastest:" in done.stdout and "gpu_check.md" in done.stdout
+
+
+def test_measured_rows_become_throughput_table_rows_keyed_as_the_time_plan_reads_them():
+    from open_instruct.time_plan import nearest_measured
+
+    environment = {"device": "NVIDIA H200", "date": "2026-12-02", "torch": "2.11"}
+    records = [{"row": "zero3+liger@16384", "mfu": 0.40, "tokens_per_s": 50000.0, "params": 1_235_814_400},
+               {"row": "zero3+liger@8192", "mfu": 0.42, "tokens_per_s": 52000.0, "params": 1_235_814_400},
+               {"row": "single@8192", "error": "exit 1"}]
+    rows = gpu_check.table_rows(environment, records)
+    assert [(r["gpu"], r["config"], r["mfu"]) for r in rows] == [("H200", "zero3+liger", 0.42)]  # the best budget
+    assert nearest_measured(rows, "H200", "zero3+liger", 1_500_000_000)["mfu"] == 0.42
+    assert gpu_check.table_rows({**environment, "device": "CPU (x86_64, dry run)"}, records) == []

@@ -289,3 +289,29 @@ def test_olmo_2_7b_at_32k_tokens_per_row_without_recomputation_fits_80gb_from_se
     assert [totals[False, n][1] for n in (1, 2, 4, 8)] == [False, True, True, True], totals
     assert totals[False, 1][0] > 2 * 60 and totals[False, 2][0] < 80
     assert all(totals[True, n][1] for n in (1, 2, 4, 8)), totals
+
+
+def test_largest_row_budget_is_the_last_multiple_of_max_seq_length_that_fits():
+    import dataclasses
+
+    from open_instruct.args import FinetuneArgs
+    from open_instruct.memory_plan import largest_row_budget, plan_memory
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, head_dim=128)
+    args = FinetuneArgs(model_name_or_path="m", dataset_mixer_list=["x", "1"], max_seq_length=4096,
+                        global_batch_size=128, use_liger_kernel=True)
+    zero3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
+    budget = largest_row_budget(args, config, 8_030_000_000, 8, zero3, 80)  # 16 examples per GPU: memory binds
+
+    def fits(tokens, world=8, memory=80):
+        row = dataclasses.replace(args, max_tokens_per_micro_batch=tokens)
+        return plan_memory(row, config, 8_030_000_000, world, zero3).fits(memory)
+
+    assert budget == 8192 and fits(budget) and not fits(budget + 4096)
+    assert largest_row_budget(args, config, 8_030_000_000, 8, zero3, 40) is None  # not even one row
+    assert largest_row_budget(dataclasses.replace(args, padding_free=False), config, 8_030_000_000, 8, zero3, 80) is None
+    assert largest_row_budget(args, config, 8_030_000_000, 64, zero3, 80) == 2 * 4096  # the share binds: 2 examples
+    per_device = FinetuneArgs(model_name_or_path="m", dataset_mixer_list=["x", "1"], max_seq_length=4096,
+                              gradient_accumulation_steps=2, use_liger_kernel=True)  # 128 examples on 64 GPUs
+    assert largest_row_budget(per_device, config, 8_030_000_000, 64, zero3, 80) == 2 * 4096

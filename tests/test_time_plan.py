@@ -143,12 +143,13 @@ def test_a_measured_mfu_is_used_before_the_assumed_one(table):
 def test_the_shipped_table_reads_and_its_rows_are_well_formed():
     for row in load_table():
         assert row["gpu"] in PEAK_BF16_TFLOPS and 0 < row["mfu"] < 1 and row["source"]
-        assert row["config"].split("+")[0] in ("padded", "padding-free")
+        assert row["config"].split("+")[0] in ("single", "zero3")
 
 
 def test_configuration_names_match_the_benchmarks():
-    assert configuration(args("--use_liger_kernel", "--gradient_checkpointing")) == "padding-free+liger+gc"
-    assert configuration(args("--no_padding_free")) == "padded"
+    assert configuration(args("--use_liger_kernel", "--gradient_checkpointing"), 3) == "zero3+liger+gc"
+    assert configuration(args("--no_padding_free"), None) == "single+padded"
+    assert configuration(args("--use_liger_kernel"), 2) == "zero2+liger"
 
 
 # --- the plan -----------------------------------------------------------------------------------------------------
