@@ -173,6 +173,13 @@ class FinetuneArgs:
         "attends to another. --no_padding_free pads each micro-batch to its longest example instead.",
     )
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    torch_compile: bool = _field(
+        False,
+        "Compile each decoder layer's training forward with torch.compile (inductor; regional: parameter names and "
+        "checkpoints unchanged, one shared graph for all layers). Dynamic sequence length, so packed rows of new "
+        "lengths do not recompile. Costs compile time at the first step (tens of seconds; inductor caches it on disk); "
+        "needs a C++ compiler on CPU, triton on CUDA (checked at start-up). See docs/finetune.md, Compilation.",
+    )
     attn_implementation: Literal["auto", "packed_sdpa", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
                                  "flex_attention"] = _field(
         "auto",

@@ -9,7 +9,8 @@ call beats a call per example, take a single SDPA call with a block-diagonal cau
 On CUDA in bf16/fp16, where PyTorch ships flash-attention's varlen kernel (`torch.nn.attention.varlen`, PyTorch >=
 2.10), every row takes one varlen call with the examples' cumulative lengths instead: no flash-attn package needed.
 Anything else (padded batches with an attention mask, decoding with a KV cache) goes to transformers' own SDPA path
-unchanged.
+unchanged. Under --torch_compile (open_instruct/compile.py) the short-row path traces into the decoder layer's graph;
+the per-example loop and the varlen call read example boundaries on the host and are excluded (torch.compiler.disable).
 
 Registered with transformers' AttentionInterface on import, so `attn_implementation="packed_sdpa"` works in
 `from_pretrained` like a built-in kernel. The saved config records `sdpa`, so a trained model loads anywhere.
@@ -67,11 +68,17 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if dtype is not None and dropout == 0.0:
         return varlen_forward(*(x.to(dtype) for x in (query, key, value)), position_ids, scaling), None
     position_ids = position_ids.expand(query.shape[0], -1)
-    gqa = key.shape[1] != query.shape[1]
+    gqa = bool(key.shape[1] != query.shape[1])  # a plain bool also where torch.compile makes the head counts symbols
     if query.shape[2] <= SHORT_ROW:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=block_causal_mask(position_ids),
                                              dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
+    return per_example_sdpa(query, key, value, position_ids, dropout, scaling, gqa), None
+
+
+@torch.compiler.disable  # example boundaries are read on the host: under --torch_compile, a graph break (compile.py)
+def per_example_sdpa(query, key, value, position_ids, dropout: float, scaling, gqa: bool) -> torch.Tensor:
+    """Causal SDPA on each example of each row: [B, H, T, D] inputs -> [B, T, H, D]."""
     rows = []
     for row, bounds in enumerate(example_bounds(position_ids)):
         pieces = [
@@ -82,7 +89,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
             for start, end in zip(bounds, bounds[1:])
         ]
         rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
 def varlen_dtype(query: torch.Tensor) -> torch.dtype | None:
@@ -115,6 +122,7 @@ def cu_seq_lens(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, in
     return cu, longest
 
 
+@torch.compiler.disable  # reads the longest example on the host: under --torch_compile, a graph break (compile.py)
 def varlen_forward(query, key, value, position_ids, scaling) -> torch.Tensor:
     """[B, H, T, D] inputs -> [B, T, H, D], causal within each example, one flash-attention varlen call."""
     batch, heads, length, dim = query.shape

@@ -46,6 +46,7 @@ from open_instruct.checkpointing import (
     run_identity,
     verified_checkpoint_to_resume,
 )
+from open_instruct.compile import check_compile_support, compile_decoder_layers, gather_whole_layers_under_zero3
 from open_instruct.data import DataError, TokenizedMixture
 from open_instruct.elastic import (
     TO_DEEPSPEED,
@@ -419,6 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
         repo_id = hub.resolve_repo_id(args) if args.push_to_hub else None
         accelerator = build_accelerator(args)
         check_lora_setup(args, deepspeed=accelerator.state.deepspeed_plugin is not None)
+        if args.torch_compile:
+            check_compile_support(accelerator.device)  # a missing compiler: one line now, not a traceback at step 1
         setup_logging(accelerator)
         output, lock = prepare_output_dir(args, accelerator)
         return train(args, accelerator, output, repo_id, stops)
@@ -471,7 +474,12 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate)
     scheduler = build_scheduler(optimizer, total_steps, args)
     state_order = optimizer_state_order(model, optimizer)  # read before DeepSpeed takes the parameters over
+    if args.torch_compile and zero_stage(accelerator) == 3:
+        gather_whole_layers_under_zero3(model)  # before prepare, where DeepSpeed hooks the modules (compile.py)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.torch_compile:  # after prepare: sequence parallelism replaces the attention function there (compile.py)
+        logger.info("--torch_compile: %d decoder layers compiled (traced at the first training step).",
+                    compile_decoder_layers(accelerator.unwrap_model(model)))
     accelerator.register_for_checkpointing(scheduler)
     vocab_size = accelerator.unwrap_model(model).config.vocab_size
     if args.padding_free and not packed_examples_stay_apart(model, accelerator.device, vocab_size):
