@@ -16,7 +16,12 @@ Stages, each under its own time cap and all under one budget (`--budget_s`):
    order of importance: the presumed best configuration first, then each lever switched off (or changed) from it
    once. A row that cannot start before the budget ends is listed as not run, never silently dropped.
 4. results: gpu_check.json (everything) and gpu_check.md (the table, environment, tests) in the output folder, and
-   a short summary on stdout: each lever's effect against the best row, the memory plan's error, host syncs.
+   a short summary on stdout: each lever's effect against the best row, the memory plan's error, host syncs, and
+   gpu_throughput_rows.json: the measured rows in the form of the time plan's table (open_instruct/assets/).
+
+The dry run differs from the GPU run only where a CPU must: the tiny model, 1 step per row, one thread, no wheels
+installed, the compile rows traced with the aot_eager backend (no kernels built), and the CUDA-only rows (Liger's
+fused linear cross-entropy, QLoRA) skipped by name.
 """
 
 from __future__ import annotations
@@ -329,6 +334,9 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     cli.global_batch_size = cli.global_batch_size or (4 if cli.dry_run else 128)
     cli.padded_batch_size, cli.examples = (2 if cli.dry_run else 4), (64 if cli.dry_run else 4000)
     cli.peak_tflops = None  # gpu_throughput reads the device's peak itself
+    # The dry run traces the compile rows (dynamo + AOT autograd: graphs, breaks, recompiles) without building
+    # kernels, which would cost CI minutes; tests/test_compile.py checks inductor's kernels on CPU.
+    cli.compile_backend = "aot_eager" if cli.dry_run else "inductor"
     return cli
 
 

@@ -227,6 +227,7 @@ def count_host_syncs(step) -> tuple[int, list[str]]:
 def run_row(row: Row, model_dir: Path, mixture: SyntheticMixture, cli) -> dict:
     from open_instruct import finetune
     from open_instruct.batching import BatchPlan
+    from open_instruct.compile import compile_decoder_layers, gather_whole_layers_under_zero3
     from open_instruct.optim import build_optimizer
     from open_instruct.parallel_dims import ParallelDims
 
@@ -236,7 +237,11 @@ def run_row(row: Row, model_dir: Path, mixture: SyntheticMixture, cli) -> dict:
     model, attn, dtype = build_model(row, args, accelerator)
     flops_model, params = FlopsModel.of(model), finetune.parameter_count(model)  # read before ZeRO-3 partitions
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate)
+    if args.torch_compile and row.deepspeed:  # as finetune.train does: before prepare, then compile after it
+        gather_whole_layers_under_zero3(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.torch_compile:
+        compile_decoder_layers(accelerator.unwrap_model(model), backend=cli.compile_backend)
     plan, dims = BatchPlan(len(mixture), args.global_batch_size, seed=0), ParallelDims(1, 1, 0)
     record = {"row": row.name, "attention": attn, "weights_dtype": str(dtype).removeprefix("torch."),
               "steps": cli.steps, "params": params}
@@ -308,6 +313,7 @@ def row_command(row: str, model_dir: Path, cli) -> list[str]:
                str(cli.global_batch_size), "--padded_batch_size", str(cli.padded_batch_size), "--examples", str(cli.examples),
                "--device", cli.device]
     command += ["--peak_tflops", str(cli.peak_tflops)] if cli.peak_tflops else []
+    command += ["--compile_backend", cli.compile_backend]
     return command + (["--tiny"] if cli.tiny else [])
 
 
@@ -355,6 +361,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: known GPUs)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model instead of the 1.2B one (smoke test)")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend of the compile lever (aot_eager: traced, no kernels built)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
