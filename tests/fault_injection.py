@@ -19,7 +19,8 @@ Mutations of resuming on another layout (open_instruct/elastic.py), which the pa
     first_group_settings  the repair of the parameter groups' settings is skipped (all take the first group's).
 Mutations of sequence parallelism (open_instruct/sequence_parallel.py), which its parity test must catch:
     sp_shift_after_split  every rank shifts its piece's targets once more (open-instruct's #1549 double shift).
-    sp_count_per_rank     every rank counts the whole row's trained tokens, so each token is counted N times.
+    sp_count_per_rank     the step's trained-token count (batching.StepCounts, the loss normalizer) counts the whole
+                          row once per rank of its sequence-parallel group, so each token is counted N times.
 Nothing here is imported by the trainer: the faults patch it from outside.
 """
 
@@ -105,19 +106,27 @@ def mutate_elastic_resume() -> None:
 
 
 def mutate_sequence_parallel() -> None:
+    import dataclasses
+
     import torch
 
+    if FAULT == "sp_count_per_rank":
+        of = finetune.StepCounts.of
+
+        def counted_per_rank(cls, split, lengths, trained_lengths, padding_free, rank, sequence_parallel=1):
+            counts = of(split, lengths, trained_lengths, padding_free, rank, sequence_parallel)
+            return dataclasses.replace(counts, trained=counts.trained * sequence_parallel)
+
+        finetune.StepCounts.of = classmethod(counted_per_rank)
+        return
     shard_row = finetune.shard_row
 
     def mutated_shard_row(batch, parts, index, pad_token_id):
         piece = shard_row(batch, parts, index, pad_token_id)
-        if FAULT == "sp_shift_after_split":
-            targets = piece["target_ids"]
-            piece["target_ids"] = torch.cat([targets[:, 1:], torch.full_like(targets[:, :1], -100)], dim=1)
-            piece["num_trained_tokens"] = int((piece["target_ids"] != -100).sum())
-        else:
-            assert FAULT == "sp_count_per_rank", FAULT
-            piece["num_trained_tokens"] = batch["num_trained_tokens"]
+        assert FAULT == "sp_shift_after_split", FAULT
+        targets = piece["target_ids"]
+        piece["target_ids"] = torch.cat([targets[:, 1:], torch.full_like(targets[:, :1], -100)], dim=1)
+        piece["num_trained_tokens"] = int((piece["target_ids"] != -100).sum())
         return piece
 
     finetune.shard_row = mutated_shard_row
