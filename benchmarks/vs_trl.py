@@ -2,7 +2,8 @@
 
     .venv/bin/pip install --no-deps trl          # TRL only for this benchmark (--no-deps keeps our pinned stack)
     .venv/bin/python benchmarks/vs_trl.py [--steps 200] [--batch_size 16] [--learning_rate 2e-3] \
-        [--rows_per_task 2000] [--trl_mode padding_free|bfd] [--threads N] [--keep]
+        [--rows_per_task 2000] [--trl_mode padding_free|bfd] [--threads N] [--keep] \
+        [--hidden_size H --num_layers L --vocab_size V] [--turns N] [--max_seq_length T] [--ours default|chunked|both]
 
 One process on CPU, fp32, both sides one after the other (never at the same time). The script builds the embedded
 tiny Llama once, writes one JSONL of `messages` rows from the synthetic tasks (spelling, letter_count, arithmetic)
@@ -26,12 +27,23 @@ Effective tokens/s counts non-pad tokens (padding-free: every token of the row).
 machine; the report prints the load average before and after so a busy machine shows, and the median step time,
 which a few slow steps do not move. On an oversubscribed machine both runs slow down a lot (torch's threads wait
 on each other); `--threads 1` makes that milder.
+
+Compute-bound sizes: `--hidden_size/--num_layers/--vocab_size` build a bigger Llama of the same architecture (head
+dim 64, half as many key-value heads, MLP 3x hidden, untied output layer) instead of the tiny one; the byte-level
+tokenizer still uses only its ~270 ids, the others are never seen. That is a fair comparison of speed: the output
+layer's matmuls and the softmax cost the same for every row of the vocabulary, whichever ids occur. `--turns N`
+makes each conversation N user/assistant exchanges (N synthetic rows, tasks interleaved), so examples are about N
+times longer; the packed row of a step is `--batch_size` such examples (e.g. --turns 10 --batch_size 4: rows of
+about 1.6k tokens). `--ours chunked` runs ours with --use_liger_kernel, which on CPU is our chunked loss: only the
+trained positions go through the output layer (open_instruct/loss.py); `--ours both` runs ours both ways, so the
+report says what a user gets with the default and with the flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -56,17 +68,53 @@ SEED = 0
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up shared by both sides
 # ----------------------------------------------------------------------------------------------------------------
-def write_data(path: Path, rows_per_task: int) -> int:
+def write_data(path: Path, rows_per_task: int, turns: int = 1) -> int:
+    """rows_per_task rows of each task, one after the other; with turns > 1, conversations of `turns` exchanges,
+    each taken from the tasks in turn (round robin), so rows_per_task * len(TASKS) // turns conversations."""
     from open_instruct.synthetic import load_task
 
-    rows = []
+    per_task = []
     for task in TASKS:
         task_rows = load_task(task, "train")
         if len(task_rows) < rows_per_task:
             sys.exit(f"synthetic:{task} has only {len(task_rows)} train rows; lower --rows_per_task.")
-        rows.extend(task_rows[:rows_per_task])
+        per_task.append(task_rows[:rows_per_task])
+    if turns == 1:
+        rows = [row for task_rows in per_task for row in task_rows]
+    else:
+        exchanges = [row["messages"] for group in zip(*per_task) for row in group]
+        rows = [{"messages": [m for messages in exchanges[i : i + turns] for m in messages]}
+                for i in range(0, len(exchanges) - turns + 1, turns)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return len(rows)
+
+
+def model_config(args) -> dict | None:
+    """Overrides of the tiny Llama config for --hidden_size/--num_layers/--vocab_size (None: the tiny model)."""
+    if args.hidden_size is None and args.num_layers is None and args.vocab_size is None:
+        return None
+    from open_instruct.tiny_model import default_config_path
+
+    config = json.loads(default_config_path().read_text())
+    if args.hidden_size is not None:
+        heads = max(1, args.hidden_size // 64)
+        config.update(hidden_size=args.hidden_size, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      head_dim=args.hidden_size // heads, intermediate_size=3 * args.hidden_size)
+    if args.num_layers is not None:
+        config["num_hidden_layers"] = args.num_layers
+    if args.vocab_size is not None:
+        config["vocab_size"] = args.vocab_size
+    config["max_position_embeddings"] = max(config["max_position_embeddings"], args.max_seq_length)
+    return config
+
+
+def describe_model(config: dict | None, parameters: int) -> str:
+    if config is None:
+        return f"tiny Llama (open_instruct/assets/tiny_llama.json, {parameters / 1e6:.2f}M parameters)"
+    return (f"Llama hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+            f"{config['num_attention_heads']} heads ({config['num_key_value_heads']} key-value), MLP "
+            f"{config['intermediate_size']}, vocabulary {config['vocab_size']} (untied output layer; the byte-level "
+            f"tokenizer uses ~270 ids), {parameters / 1e6:.1f}M parameters, random init")
 
 
 def child_env(work: Path, threads: int | None) -> dict:
@@ -95,23 +143,24 @@ def run_logged(cmd: list[str], log: Path, cwd: Path, env: dict, what: str) -> tu
 # ----------------------------------------------------------------------------------------------------------------
 # Ours
 # ----------------------------------------------------------------------------------------------------------------
-def ours_command(args, model_dir: Path, data: Path, out: Path, cache: Path) -> list[str]:
+def ours_command(args, model_dir: Path, data: Path, out: Path, cache: Path, chunked: bool = False) -> list[str]:
     return [sys.executable, "-m", "open_instruct.finetune", "--model_name_or_path", str(model_dir),
             "--dataset_mixer_list", str(data), "1.0", "--per_device_train_batch_size", str(args.batch_size),
             "--gradient_accumulation_steps", "1", "--max_train_steps", str(args.steps),
             "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "linear", "--warmup_ratio", "0.0",
-            "--seed", str(SEED), "--max_seq_length", str(MAX_SEQ_LENGTH), "--output_dir", str(out),
-            "--dataset_local_cache_dir", str(cache), "--logging_steps", "1"]
+            "--seed", str(SEED), "--max_seq_length", str(args.max_seq_length), "--output_dir", str(out),
+            "--dataset_local_cache_dir", str(cache), "--logging_steps", "1"] + (["--use_liger_kernel"] if chunked else [])
 
 
-def run_ours(args, model_dir: Path, data: Path, work: Path) -> dict:
-    out = work / "ours"
-    cmd = ours_command(args, model_dir, data, out, work / "cache")
-    wall, cpu = run_logged(cmd, work / "ours.log", REPO, child_env(work, args.threads), "our trainer")
+def run_ours(args, model_dir: Path, data: Path, work: Path, chunked: bool = False) -> dict:
+    name = "ours-chunked" if chunked else "ours"
+    out = work / name
+    cmd = ours_command(args, model_dir, data, out, work / "cache", chunked)
+    wall, cpu = run_logged(cmd, work / f"{name}.log", REPO, child_env(work, args.threads), f"our trainer ({name})")
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     stats = json.loads((out / "dataset_stats.json").read_text())
-    setup = re.search(r"attention (\S+), padding-free (\S+)\.", (work / "ours.log").read_text())
+    setup = re.search(r"attention (\S+), padding-free (\S+)\.", (work / f"{name}.log").read_text())
     tokens = per_step([r["total_tokens"] for r in records])
     trained = per_step([r["trained_tokens"] for r in records])
     # Seconds since the loop started, at each step's log: tokens so far / tokens per second so far.
@@ -119,7 +168,7 @@ def run_ours(args, model_dir: Path, data: Path, work: Path) -> dict:
     return {"wall": wall, "cpu": cpu, "train_seconds": summary["train_seconds"],
             "total_tokens": summary["total_tokens"], "losses": [r["train_loss"] for r in records],
             "step_seconds": per_step(elapsed), "tokens": tokens, "trained": trained,
-            "examples": [args.batch_size] * len(records), "stats": stats, "command": cmd,
+            "examples": [args.batch_size] * len(records), "stats": stats, "command": cmd, "name": name,
             "attention": setup.group(1) if setup else "?", "padding_free": setup.group(2) if setup else "?"}
 
 
@@ -242,14 +291,18 @@ def curve_steps(steps: int) -> list[int]:
     return sorted(marks)
 
 
-def describe(args, ours: dict, trl: dict, packed_length: int | None, mean_len: float) -> list[str]:
+def describe(args, runs: list[dict], trl: dict, packed_length: int | None, mean_len: float) -> list[str]:
+    ours = runs[0]
     tmp = str(Path(ours["command"][4]).parent)
     lines = [
-        "ours: python " + " ".join(ours["command"][1:]).replace(tmp, "<tmp>"),
+        f"{ours['name']}: python " + " ".join(ours["command"][1:]).replace(tmp, "<tmp>"),
         f"      padding-free {ours['padding_free']} (one row of the step's B examples, positions restarting at 0), "
         f"attention {ours['attention']} (as its log says), torch AdamW (not fused); loss = sum over the global "
         "batch's trained tokens / their count",
     ]
+    if any(run["name"] == "ours-chunked" for run in runs):
+        lines.append("ours-chunked: the same with --use_liger_kernel; on CPU our chunked loss (open_instruct/loss.py): "
+                     "only the trained positions go through the output layer, 1,024 rows at a time.")
     shared = (f"assistant_only_loss=True, loss_type='nll', bf16=False, gradient_checkpointing=False, "
               f"max_grad_norm=0, optim='{trl['optim']}' (TRL's default)")
     if args.trl_mode == "padding_free":
@@ -259,7 +312,7 @@ def describe(args, ours: dict, trl: dict, packed_length: int | None, mean_len: f
             "      attention sdpa (transformers' block-diagonal causal mask over the packed row; TRL's CPU option).",
             "      why: TRL accepts padding_free without packing (on CPU, with SDPA): one step is then one packed row "
             f"of exactly {args.batch_size} examples, our semantics. TRL requires max_length=None there (no row comes "
-            "near 256 tokens, so neither side truncates). The dataset is handed to TRL in our batch order and read "
+            f"near {args.max_seq_length} tokens, so neither side truncates). The dataset is handed to TRL in our batch order and read "
             "sequentially, so both trainers see the same examples at every step.",
         ]
     else:
@@ -281,53 +334,54 @@ def describe(args, ours: dict, trl: dict, packed_length: int | None, mean_len: f
     return lines
 
 
-def report(args, rows: int, ours: dict, trl: dict, packed_length: int | None) -> None:
+def report(args, rows: int, runs: list[dict], trl: dict, packed_length: int | None, model: str) -> None:
     import torch
     import transformers
     import trl as trl_package
 
     steps = args.steps
+    ours = runs[0]
     mean_len = ours["total_tokens"] / (steps * args.batch_size)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"(threads per run: {trl['threads']}), transformers {transformers.__version__}, "
           f"TRL {trl_package.__version__}; one process each, CPU, fp32, run one after the other")
-    print(f"load average (1 min) before / after the two runs: {args.load_before:.2f} / {os.getloadavg()[0]:.2f} "
+    print(f"load average (1 min) before / after the runs: {args.load_before:.2f} / {os.getloadavg()[0]:.2f} "
           "(other work on the machine skews the timings)")
-    print(f"data: {rows} rows ({args.rows_per_task} each of {', '.join(TASKS)}), tiny Llama "
-          f"(open_instruct/assets/tiny_llama.json), {mean_len:.1f} tokens/example on average")
+    turns = f", {args.turns} exchanges per conversation" if args.turns > 1 else ""
+    print(f"data: {rows} rows ({args.rows_per_task} each of {', '.join(TASKS)}{turns}), {model}; "
+          f"{mean_len:.1f} tokens/example, {ours['total_tokens'] / steps:.0f} tokens/row on average, "
+          f"{sum(ours['trained']) / ours['total_tokens']:.0%} of them trained")
     print(f"common: {steps} steps, global batch {args.batch_size} examples (1 process x 1 accumulation step), "
           f"lr {args.learning_rate:g} linear to 0, no warmup, weight decay 0, no clipping, seed {SEED}, "
           "logging every step")
     print()
-    print("\n".join(describe(args, ours, trl, packed_length, mean_len)))
+    print("\n".join(describe(args, runs, trl, packed_length, mean_len)))
     print()
 
-    ours_tps = ours["total_tokens"] / ours["train_seconds"]
-    trl_tps = trl["total_tokens"] / trl["train_seconds"]
-    ours_ex = sum(ours["examples"]) / len(ours["examples"])
+    sides = [*runs, trl]
+    tps = [side["total_tokens"] / side["train_seconds"] for side in sides]
+    medians = [statistics.median(side["step_seconds"]) for side in sides]
     trl_ex = sum(trl["examples"]) / max(len(trl["examples"]), 1)
     table = [
-        ("steps", f"{len(ours['losses'])}", f"{len(trl['losses'])}"),
-        ("examples per step", f"{ours_ex:.1f}",
+        ("steps", *(f"{len(side['losses'])}" for side in sides)),
+        ("examples per step", *(f"{sum(r['examples']) / len(r['examples']):.1f}" for r in runs),
          f"{trl_ex:.1f} (min {min(trl['examples'])}, max {max(trl['examples'])})"),
-        ("tokens (non-pad)", f"{ours['total_tokens']}", f"{trl['total_tokens']}"),
-        ("trained tokens", f"{sum(ours['trained'])}", f"{sum(trl['trained'])}"),
-        ("training loop s", f"{ours['train_seconds']:.2f}", f"{trl['train_seconds']:.2f}"),
-        ("effective tokens/s", f"{ours_tps:.0f}", f"{trl_tps:.0f}"),
-        ("median step s", f"{statistics.median(ours['step_seconds']):.3f}",
-         f"{statistics.median(trl['step_seconds']):.3f}"),
-        ("slowest step s", f"{max(ours['step_seconds']):.2f}",
-         f"{max(trl['step_seconds']):.2f}"),
-        ("whole process s", f"{ours['wall']:.1f}", f"{trl['wall']:.1f}"),
-        ("whole process CPU s", f"{ours['cpu']:.1f}", f"{trl['cpu']:.1f}"),
+        ("tokens (non-pad)", *(f"{side['total_tokens']}" for side in sides)),
+        ("trained tokens", *(f"{sum(side['trained'])}" for side in sides)),
+        ("training loop s", *(f"{side['train_seconds']:.2f}" for side in sides)),
+        ("effective tokens/s", *(f"{value:.0f}" for value in tps)),
+        ("median step s", *(f"{value:.3f}" for value in medians)),
+        ("slowest step s", *(f"{max(side['step_seconds']):.2f}" for side in sides)),
+        ("whole process s", *(f"{side['wall']:.1f}" for side in sides)),
+        ("whole process CPU s", *(f"{side['cpu']:.1f}" for side in sides)),
     ]
-    print(f"{'':<20}{'ours':>12}   TRL")
-    for name, a, b in table:
-        print(f"{name:<20}{a:>12}   {b}")
-    median_ratio = statistics.median(trl["step_seconds"]) / statistics.median(ours["step_seconds"])
-    print(f"effective tokens/s ours / TRL: {ours_tps / trl_tps:.2f}x   (median step time TRL / ours: "
-          f"{median_ratio:.2f}x, less sensitive to bursts of other load; whole process wall TRL / ours: "
-          f"{trl['wall'] / ours['wall']:.2f}x)")
+    print(f"{'':<20}" + "".join(f"{run['name']:>14}" for run in runs) + "   TRL")
+    for name, *values in table:
+        print(f"{name:<20}" + "".join(f"{value:>14}" for value in values[:-1]) + f"   {values[-1]}")
+    for run, run_tps, median in zip(runs, tps, medians):
+        print(f"effective tokens/s {run['name']} / TRL: {run_tps / tps[-1]:.2f}x   (median step time TRL / "
+              f"{run['name']}: {medians[-1] / median:.2f}x, less sensitive to bursts of other load; whole process "
+              f"wall TRL / {run['name']}: {trl['wall'] / run['wall']:.2f}x)")
     if args.trl_mode == "padding_free":
         same_tokens = sum(a == b for a, b in zip(ours["tokens"], trl["tokens"]))
         same_trained = sum(a == b for a, b in zip(ours["trained"], trl["trained"]))
@@ -335,18 +389,22 @@ def report(args, rows: int, ours: dict, trl: dict, packed_length: int | None) ->
               f"{same_trained}/{steps}")
     print()
 
-    n = min(len(ours["losses"]), len(trl["losses"]))
-    print(f"{'step':>6}{'ours':>10}{'TRL':>10}{'diff':>11}")
+    n = min(len(side["losses"]) for side in sides)
+    print(f"{'step':>6}" + "".join(f"{run['name']:>14}" for run in runs) + f"{'TRL':>10}"
+          + "".join(f"{'diff' if len(runs) == 1 else run['name'][5:] or 'default':>11}" for run in runs))
     for step in curve_steps(n):
-        a, b = ours["losses"][step - 1], trl["losses"][step - 1]
-        print(f"{step:>6}{a:>10.4f}{b:>10.4f}{a - b:>+11.2e}")
+        values = [run["losses"][step - 1] for run in runs]
+        b = trl["losses"][step - 1]
+        print(f"{step:>6}" + "".join(f"{a:>14.4f}" for a in values) + f"{b:>10.4f}"
+              + "".join(f"{a - b:>+11.2e}" for a in values))
     tail = max(1, n // 5)
-    diffs = [abs(a - b) for a, b in zip(ours["losses"][:n], trl["losses"][:n])]
-    tail_ours = sum(ours["losses"][n - tail:n]) / tail
     tail_trl = sum(trl["losses"][n - tail:n]) / tail
-    print(f"mean |ours - TRL| over the last {tail} steps: {sum(diffs[n - tail:]) / tail:.2e} "
-          f"(mean loss there: ours {tail_ours:.4f}, TRL {tail_trl:.4f}); max over all steps {max(diffs):.2e}, "
-          f"step 1 {diffs[0]:.2e}")
+    for run in runs:
+        diffs = [abs(a - b) for a, b in zip(run["losses"][:n], trl["losses"][:n])]
+        tail_ours = sum(run["losses"][n - tail:n]) / tail
+        print(f"{run['name']}: mean |ours - TRL| over the last {tail} steps: {sum(diffs[n - tail:]) / tail:.2e} "
+              f"(mean loss there: ours {tail_ours:.4f}, TRL {tail_trl:.4f}); max over all steps {max(diffs):.2e}, "
+              f"step 1 {diffs[0]:.2e}")
 
 
 def main() -> None:
@@ -360,6 +418,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for both runs (default: torch's own choice, one per core)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, both run dirs)")
+    parser.add_argument("--hidden_size", type=int, default=None,
+                        help="a bigger Llama: hidden size (head dim 64, MLP 3x); default the tiny model's 128")
+    parser.add_argument("--num_layers", type=int, default=None, help="its layers (default the tiny model's 4)")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="its output layer's rows (default the tiny model's 272; ids beyond the tokenizer's unused)")
+    parser.add_argument("--max_seq_length", type=int, default=MAX_SEQ_LENGTH,
+                        help="our --max_seq_length (no example may exceed it: both sides must see the same tokens)")
+    parser.add_argument("--turns", type=int, default=1,
+                        help="user/assistant exchanges per conversation (longer examples; default 1)")
+    parser.add_argument("--ours", choices=("default", "chunked", "both"), default="default",
+                        help="ours as is, with --use_liger_kernel (the chunked loss on CPU), or both")
     parser.add_argument("--_trl_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._trl_worker:
@@ -367,15 +436,26 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
+    from safetensors import safe_open
+
     from open_instruct.tiny_model import build_tiny_model
 
     args.load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
     try:
-        model_dir = build_tiny_model(work / "tiny-llama", seed=SEED)
+        config = model_config(args)
+        config_path = None
+        if config is not None:
+            config_path = work / "model_config.json"
+            config_path.write_text(json.dumps(config))
+        model_dir = build_tiny_model(work / "tiny-llama", config_path=config_path, seed=SEED)
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+            parameters = sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
         data = work / "rows.jsonl"
-        rows = write_data(data, args.rows_per_task)
-        ours = run_ours(args, model_dir, data, work)
+        rows = write_data(data, args.rows_per_task, args.turns)
+        runs = [run_ours(args, model_dir, data, work, chunked) for chunked in
+                {"default": [False], "chunked": [True], "both": [False, True]}[args.ours]]
+        ours = runs[0]
         kept = sum(s["kept_rows"] for s in ours["stats"])
         truncated = sum(sum(s["truncated"].values()) for s in ours["stats"])
         order = packed_length = None
@@ -387,7 +467,7 @@ def main() -> None:
         else:
             packed_length = round(args.batch_size * ours["total_tokens"] / (args.steps * args.batch_size))
         trl = run_trl(args, model_dir, data, work, order, packed_length)
-        report(args, rows, ours, trl, packed_length)
+        report(args, rows, runs, trl, packed_length, describe_model(config, parameters))
         if args.keep:
             print(f"\nkept: {work}")
     finally:

@@ -28,6 +28,24 @@ def test_token_loss_sum_matches_per_token_cross_entropy():
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("trained", ["some", "all"])
+def test_token_loss_sum_gradient_equals_ignore_index_cross_entropy(trained):
+    """Only the trained rows go through the softmax: same value and logits gradient as the masked cross-entropy."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 9, 13, generator=gen)
+    targets = torch.randint(0, 13, (2, 9), generator=gen)
+    if trained == "some":
+        targets[torch.rand(2, 9, generator=gen) < 0.6] = IGNORE_INDEX
+    ours, reference = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = token_loss_sum(ours, targets)
+    expected = F.cross_entropy(reference.reshape(-1, 13), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    got.backward()
+    expected.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=0, atol=1e-7)
+
+
 def test_token_loss_sum_literal():
     # Uniform logits over 4 classes: each trained token costs log(4).
     logits = torch.zeros(1, 3, 4)
