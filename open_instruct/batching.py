@@ -252,3 +252,11 @@ def collate(input_ids: list[np.ndarray], labels: list[np.ndarray], padding_free:
     batch["num_tokens_with_padding"] = batch["input_ids"].numel()
     batch["num_trained_tokens"] = int((batch["target_ids"] != IGNORE_INDEX).sum())
     return batch
+
+
+def pinned_for_cuda(batch: dict) -> dict:
+    """On CUDA, the batch's tensors in page-locked memory: their copies to the GPU can then be asynchronous (from
+    pageable memory, CUDA waits for all queued GPU work before every copy: a host sync per micro-step)."""
+    if not torch.cuda.is_available():
+        return batch
+    return {key: value.pin_memory() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}

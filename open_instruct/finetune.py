@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from open_instruct import hub
 from open_instruct.args import FinetuneArgs, args_to_dict, describe_fine_tune, parse_args, uses_lora
-from open_instruct.batching import BatchPlan, StepCounts, collate, split_global_batch
+from open_instruct.batching import BatchPlan, StepCounts, collate, pinned_for_cuda, split_global_batch
 from open_instruct.checkpointing import (
     CheckpointError,
     Checkpointer,
@@ -62,7 +61,7 @@ from open_instruct.flops import FlopsModel, parameter_numel, peak_flops
 from open_instruct.final_model import check_room, save_final
 from open_instruct.launch import LaunchError, read_deepspeed_config
 from open_instruct.lora import check_lora_setup, load_with_adapters
-from open_instruct.loss import scale_for_backward, token_loss_sum
+from open_instruct.loss import chunks_per_micro_step, scale_for_backward, token_loss_sum
 from open_instruct.metrics import MetricsLogger, RunCounters, peak_memory_gb
 from open_instruct.model_utils import (
     ChunkedLossModel,
@@ -299,15 +298,7 @@ def micro_batches(mixture: TokenizedMixture, plan: BatchPlan, step: int, args: F
                         f"process's examples but they hold {collated}; delete the cache and prepare the data again.")
     if dims.sp_enabled:
         batches = [shard_row(batch, dims.sequence_parallel, dims.sp_rank, pad_id) for batch in batches]
-    return [pinned(batch) for batch in batches], counts
-
-
-def pinned(batch: dict) -> dict:
-    """On CUDA, the batch's tensors in page-locked memory: their copies to the GPU can then be asynchronous (from
-    pageable memory, CUDA waits for all queued GPU work before every copy: a host sync per micro-step)."""
-    if not torch.cuda.is_available():
-        return batch
-    return {key: value.pin_memory() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return [pinned_for_cuda(batch) for batch in batches], counts
 
 
 def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], counts: StepCounts,
@@ -317,7 +308,7 @@ def train_step(accelerator: Accelerator, model, optimizer, batches: list[dict], 
     `counts` (from micro_batches) are the whole step's, so the loss is normalized without waiting for the GPU."""
     trained = counts.trained
     normalizer = trained if args.loss_reduction == "mean" else 1  # sum: the raw token sum, as Tulu-3 8B was trained
-    chunks = (loss_chunks_per_micro_batch(accelerator, batches, counts, args.loss_chunk_size)
+    chunks = (chunks_per_micro_step(accelerator, batches, counts.micro_step_trained, args.loss_chunk_size)
               if args.use_liger_kernel else [None] * len(batches))
     loss_sum_local = torch.zeros((), device=accelerator.device)
     grad_norm = None
@@ -376,21 +367,6 @@ def step_record(step: int, plan: BatchPlan, learning_rate: float, result: dict, 
     if result["grad_norm"] is not None:
         record["grad_norm"] = result["grad_norm"]
     return record
-
-
-def loss_chunks_per_micro_batch(accelerator: Accelerator, batches: list[dict], counts: StepCounts,
-                                chunk_size: int) -> list[int | None]:
-    """Chunks of the chunked loss per micro-step, equal on every process: under ZeRO-3 each output-layer call is a
-    collective, so all processes must make the same number (sized by the process with the most trained tokens, known
-    on the host from the split; only the pieces of sequence-parallel rows are counted where they are cut, and
-    gathered)."""
-    if accelerator.num_processes == 1:
-        return [None] * len(batches)
-    most = counts.micro_step_trained
-    if most is None:
-        local = torch.tensor([[b["num_trained_tokens"] for b in batches]], device=accelerator.device)
-        most = accelerator.gather(local).max(dim=0).values.tolist()
-    return [max(1, math.ceil(count / chunk_size)) for count in most]
 
 
 def parameter_count(model, trainable_only: bool = False) -> int:

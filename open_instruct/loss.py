@@ -4,7 +4,8 @@ objective = sum of token cross-entropies over every micro-batch of every process
 
 This weighs every trained token equally, whatever the example lengths, the number of processes or the accumulation
 steps (the per-micro-batch mean that HF and open-instruct use weighs short examples more). This module is the only
-place that computes it; the trainer calls `token_loss_sum` and `scale_for_backward`.
+place that computes it; the trainer calls `token_loss_sum` (or, chunked, `chunks_per_micro_step`) and
+`scale_for_backward`.
 
 Which loss sum the trainer uses when: `token_loss_sum`, on the model's logits, by default.
 `chunked_linear_cross_entropy_sum`, on the last hidden states and the output layer, with `--use_liger_kernel` when
@@ -42,6 +43,21 @@ def scale_for_backward(loss_sum: torch.Tensor, normalizer: int, num_processes: i
     trained token at all contributes a zero gradient.
     """
     return loss_sum * (num_processes * grad_accum) / max(normalizer, 1)
+
+
+def chunks_per_micro_step(accelerator, batches: list[dict], most_trained: tuple[int, ...] | None,
+                          chunk_size: int) -> list[int | None]:
+    """`num_chunks` of `chunked_linear_cross_entropy_sum` for each micro-step, equal on every process: under ZeRO-3
+    each output-layer call is a collective, so all processes must make the same number, sized by the process with
+    the most trained positions. `most_trained`: those counts per micro-step, known on the host from the split
+    (batching.StepCounts); None where only each process knows its own (sequence-parallel pieces), then gathered.
+    One process needs none (`chunk_size` decides)."""
+    if accelerator.num_processes == 1:
+        return [None] * len(batches)
+    if most_trained is None:
+        local = torch.tensor([[b["num_trained_tokens"] for b in batches]], device=accelerator.device)
+        most_trained = accelerator.gather(local).max(dim=0).values.tolist()
+    return [max(1, -(-count // chunk_size)) for count in most_trained]
 
 
 def chunked_linear_cross_entropy_sum(
