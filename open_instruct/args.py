@@ -100,7 +100,9 @@ class FinetuneArgs:
         "A cached tokenized mixture whose files no longer match the checksums recorded when it was written: rebuild "
         "warns, naming the cache and the file, and tokenizes again; stop ends the run with that error instead.",
     )
-    dataset_num_proc: int | None = _field(None, "Processes for tokenization. Default: every core.")
+    dataset_num_proc: int | None = _field(
+        None, "Most processes tokenizing a source. Default: one per usable core. Either way a source gets no more "
+        "than one per 4,000 of its rows (a pool costs more than it saves below that; docs/benchmarks.md).")
     audit_file: str | None = _field(
         None, "Write examples as JSONL with their text split into trained / untrained segments (see docs/data.md)."
     )
@@ -400,11 +402,14 @@ def validate(args: FinetuneArgs) -> None:
     if args.report_to not in TRACKERS:
         errors.append(f"--report_to {args.report_to!r} is not supported; use one of {', '.join(TRACKERS)}.")
     # Flags that would be accepted and then ignored are errors: say which setting makes them do nothing.
-    if args.lr_scheduler_type != "wsd" and _changed(args, "warmdown_ratio"):
+    # A value that says what the schedule already does (no warmup, no warmdown, ending at the peak) is not refused.
+    if args.lr_scheduler_type != "wsd" and _changed(args, "warmdown_ratio") and args.warmdown_ratio > 0:
         errors.append("--warmdown_ratio only applies to --lr_scheduler_type wsd.")
-    if args.lr_scheduler_type in ("constant", "constant_with_warmup") and _changed(args, "final_lr_ratio"):
-        errors.append(f"--final_lr_ratio has no effect with --lr_scheduler_type {args.lr_scheduler_type}.")
-    if args.lr_scheduler_type == "constant" and _changed(args, "warmup_ratio"):
+    if (args.lr_scheduler_type in ("constant", "constant_with_warmup") and _changed(args, "final_lr_ratio")
+            and args.final_lr_ratio != 1.0):
+        errors.append(f"--final_lr_ratio has no effect with --lr_scheduler_type {args.lr_scheduler_type} (the LR "
+                      "ends at its peak).")
+    if args.lr_scheduler_type == "constant" and _changed(args, "warmup_ratio") and args.warmup_ratio > 0:
         errors.append("--warmup_ratio has no effect with --lr_scheduler_type constant; use constant_with_warmup.")
     if not args.with_tracking:
         for name in ("wandb_project_name", "wandb_entity", "report_to"):

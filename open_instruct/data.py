@@ -466,8 +466,30 @@ def detect_source_format(source: Source) -> str:
     return fmt
 
 
+# Rows a tokenizing worker must get before a pool pays for its start-up. benchmarks/num_proc.py (docs/benchmarks.md)
+# measured where a pool of 2 starts to beat one process: from about 1,200 to 8,100 rows, for short synthetic rows
+# and long multi-turn chats alike; 4,000 sits in that range.
+POOL_MIN_ROWS_PER_WORKER = 4000
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a Slurm job or a container gets fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pool_size(rows: int, num_proc: int | None, min_rows_per_worker: int | None = None) -> int | None:
+    """Tokenizing processes for a source of `rows` rows: --dataset_num_proc when given, else one per usable core,
+    and in both cases no more than give each worker `min_rows_per_worker` rows. None: no pool (one process)."""
+    workers = min(num_proc or usable_cores(), rows // max(min_rows_per_worker or POOL_MIN_ROWS_PER_WORKER, 1))
+    return workers if workers > 1 else None
+
+
 def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: EncodeOptions, skip_bad_rows: bool,
-                    max_unmaskable_fraction: float, num_proc: int):
+                    max_unmaskable_fraction: float, num_proc: int | None,
+                    pool_min_rows: int | None = None):
     """Tokenize the sampled rows of one source; returns (Arrow dataset of kept examples, SourceStats)."""
     fmt = detect_source_format(source)
     sampled = source.dataset.select(indices)
@@ -478,8 +500,7 @@ def tokenize_source(source: Source, indices: np.ndarray, tokenizer, options: Enc
         features=_encoded_features(),
         fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "columns": source.item.columns, "options": vars(options)},
         remove_columns=sampled.column_names,
-        # No pool for one process, nor for small sources, where worker start-up costs more than it saves.
-        num_proc=num_proc if num_proc > 1 and len(sampled) >= 1000 * num_proc else None,
+        num_proc=pool_size(len(sampled), num_proc, pool_min_rows),
         desc=f"Tokenizing {source.item.name}",
         load_from_cache_file=False,
     )
@@ -530,7 +551,6 @@ def build_mixture(items: list[MixerItem], tokenizer, options: EncodeOptions, see
     import datasets
 
     rng = np.random.default_rng(seed)
-    num_proc = num_proc or os.cpu_count() or 1
     parts, all_stats = [], []
     for item in items:
         source = load_source(item, skip_bad_rows)

@@ -220,6 +220,20 @@ def test_the_same_flags_are_accepted_where_they_apply(extra):
     parse_args(BASE + extra)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--lr_scheduler_type", "constant", "--warmup_ratio", "0"],  # 0 warmup is what constant means
+        ["--lr_scheduler_type", "cosine", "--warmdown_ratio", "0"],
+        ["--lr_scheduler_type", "constant", "--final_lr_ratio", "1.0"],  # ends at the peak, as constant does
+        ["--lr_scheduler_type", "constant_with_warmup", "--final_lr_ratio", "1"],
+    ],
+)
+def test_a_value_that_means_off_is_accepted_where_the_flag_does_nothing(extra):
+    args = parse_args(BASE + extra)
+    assert args.lr_scheduler_type == extra[1]
+
+
 # --- ranges -----------------------------------------------------------------------------------------------------
 
 

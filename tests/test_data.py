@@ -740,6 +740,7 @@ def test_two_processes_give_the_same_examples(tokenizer, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(datasets.Dataset, "map", spy)
+    monkeypatch.setattr("open_instruct.data.POOL_MIN_ROWS_PER_WORKER", 1000)  # a pool on 2,000 rows, for speed
     items = parse_mixer(["synthetic:spelling", "2000"], ["train"])
     serial, (serial_stats,) = _build(items, tokenizer, seed=5, num_proc=1)
     parallel, (parallel_stats,) = _build(items, tokenizer, seed=5, num_proc=2)
@@ -747,3 +748,24 @@ def test_two_processes_give_the_same_examples(tokenizer, monkeypatch):
     assert len(parallel) == 2000
     assert _rows(serial) == _rows(parallel)
     assert vars(serial_stats) == vars(parallel_stats)
+
+
+def test_pool_size_gives_each_worker_enough_rows_and_never_more_workers_than_asked(monkeypatch):
+    from open_instruct import data
+
+    monkeypatch.setattr(data, "usable_cores", lambda: 8)
+    assert data.pool_size(5_530, None) is None  # one worker's worth: no pool
+    assert data.pool_size(8_000, None) == 2
+    assert data.pool_size(1_000_000, None) == 8  # every usable core
+    assert data.pool_size(1_000_000, 3) == 3  # --dataset_num_proc caps it
+    assert data.pool_size(1_000_000, 1) is None
+    assert data.pool_size(9_000, 16) == 2
+    assert data.pool_size(10, 2, min_rows_per_worker=1) == 2
+
+
+def test_usable_cores_counts_the_affinity_not_the_machine():
+    import os
+
+    from open_instruct.data import usable_cores
+
+    assert usable_cores() == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())

@@ -459,6 +459,73 @@ def test_generation_markers_match_hf_assistant_mask(templated, shape):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A reply that starts with a newline, with a tokenizer that merges "\n\n" (as Llama-3's and OLMo-2's do): tulu's
+# header newline and the reply's leading newline become one token that is half header, half reply.
+
+
+def _newline_merging_tokenizer(template: str):
+    """Byte-level BPE whose only merge is two newlines into one token; tulu's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    char = bytes_to_unicode()
+    vocab = {char[b]: b for b in range(256)} | {char[10] * 2: 256}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(char[10], char[10])]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    special = [EOS, "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token="<|pad|>",
+                                  additional_special_tokens=special[2:])
+    tok.chat_template = template
+    return tok
+
+
+def _open_instruct_index_mask(tok, messages) -> list[int]:
+    """open-instruct's tulu transform, restated: a non-assistant message is masked by token index, from the length of
+    the tokenized conversation before it to the length of the conversation through it (with the generation prompt
+    when an assistant answers it). Returns the trained positions."""
+    ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+    trained = [True] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            continue
+        start = len(tok.apply_chat_template(messages[:i], tokenize=True, return_dict=False)) if i else 0
+        prompt = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+        end = len(tok.apply_chat_template(messages[:i + 1], tokenize=True, add_generation_prompt=prompt,
+                                          return_dict=False))
+        trained[start:end] = [False] * (end - start)
+    return [i for i, flag in enumerate(trained) if flag]
+
+
+LEADING_NEWLINE = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "\nHello"},
+    {"role": "user", "content": "and?"},
+    {"role": "assistant", "content": "\n\nbye"},
+]
+
+
+def test_a_reply_starting_with_a_newline_leaves_the_merged_header_token_untrained():
+    tok = _newline_merging_tokenizer(TULU_GENERATION)
+    example = encode_messages(tok, LEADING_NEWLINE)
+    pieces = [_decode(tok, [i]) for i in example.input_ids]
+    straddling = [i for i in range(1, len(pieces)) if pieces[i - 1] == "<|assistant|>" and pieces[i].startswith("\n\n")]
+    assert len(straddling) == 2  # the setting this test is about: header newline + reply newline in one token
+    ours = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
+    # Untrained: the token is half the template's generation prompt, which the model never writes at inference.
+    assert not set(straddling) & set(ours)
+    assert "".join(pieces[i] for i in ours) == "Hello" + EOS + "\nbye" + EOS  # everything after it is trained
+    # open-instruct's index-based transform agrees with us ...
+    assert ours == _open_instruct_index_mask(tok, LEADING_NEWLINE)
+    # ... while Hugging Face's return_assistant_tokens_mask trains every token that overlaps the reply: exactly
+    # the two straddling tokens more.
+    out = tok.apply_chat_template(LEADING_NEWLINE, return_dict=True, return_assistant_tokens_mask=True, tokenize=True)
+    assert list(out["input_ids"]) == example.input_ids
+    assert [i for i, m in enumerate(out["assistant_masks"]) if m] == sorted(ours + straddling)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Registry.
 
 
