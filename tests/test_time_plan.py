@@ -214,7 +214,7 @@ def test_mason_prints_the_tulu_3_time_plan_beside_the_published_run(tmp_path):
 
 
 def test_mason_reads_the_counts_of_the_tokenized_cache(tiny_model_dir, tmp_path, capsys):
-    import mason as launcher
+    from open_instruct import mason as launcher
 
     from open_instruct.data_cache import get_mixture
     from open_instruct.model_utils import load_tokenizer
