@@ -87,3 +87,14 @@ def test_the_installed_package_works_from_anywhere(tmp_path):
     built = command("tiny-model", str(outside / "tiny"))
     assert built.returncode == 0, built.stderr[-2000:]
     assert (outside / "tiny" / "config.json").is_file() and (outside / "tiny" / "tokenizer_config.json").is_file()
+
+
+def test_without_a_gpu_deepspeed_is_told_the_cpu_instead_of_warning(monkeypatch):
+    import open_instruct
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert open_instruct._no_gpu_driver()
+    result = subprocess.run([sys.executable, "-c", "import open_instruct, deepspeed"], cwd=REPO, capture_output=True,
+                            text=True, env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {
+                                "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0 and "Setting accelerator to CPU" not in result.stdout + result.stderr
