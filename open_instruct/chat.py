@@ -7,7 +7,8 @@
 Each turn renders the kept history with the tokenizer's chat template (add_generation_prompt=True) and generates
 until the end-of-turn / eos ids of the model's generation config (the chat template's end of turn for an adapter
 too). Commands at the prompt: /reset (clear the history, keep the system prompt), /system TEXT (set the system
-prompt and reset), /help, /exit (or Ctrl-D; Ctrl-C at the prompt exits, during a reply it stops the reply).
+prompt and reset), /help, /exit (or Ctrl-D; Ctrl-C at the prompt exits, during a reply it stops the reply). Control
+characters in a reply other than newline and tab are not printed (the history keeps them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +150,12 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
+def displayable(text: str) -> str:
+    """The text without control characters other than newline and tab: a reply (an undertrained model's bytes)
+    cannot move the cursor or send escape sequences to the terminal. The history keeps the reply as generated."""
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+
+
 def prompt_ids(tokenizer, messages: list[dict], device):
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
@@ -189,7 +197,7 @@ def stream_reply(model, tokenizer, messages: list[dict], args, out=sys.stdout) -
     try:
         for piece in streamer:
             pieces.append(piece)
-            out.write(piece)
+            out.write(displayable(piece))
             out.flush()
     except KeyboardInterrupt:
         stop.event.set()
