@@ -201,8 +201,9 @@ def stream_reply(model, tokenizer, messages: list[dict], args, out=sys.stdout) -
             out.flush()
     except KeyboardInterrupt:
         stop.event.set()
-        for piece in streamer:  # drain what the last step produced
+        for piece in streamer:  # the text held back until a word ended, and what the last step produced
             pieces.append(piece)
+            out.write(displayable(piece))
         out.write(" [stopped]")
     thread.join()
     out.write("\n")
