@@ -21,9 +21,9 @@ import yaml
 from transformers import HfArgumentParser
 
 from open_instruct.chat_templates import unknown_template_error
+from open_instruct.trackers import report_to_errors
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "wsd")
-TRACKERS = ("wandb",)
 
 
 def _field(default, help: str, **kwargs):
@@ -313,7 +313,11 @@ class FinetuneArgs:
         "A100 and L40S; a matrix-multiply measurement on CPU; no MFU on other devices."
     )
     with_tracking: bool = _field(False, "Also send metrics and the resolved config to an experiment tracker.")
-    report_to: str = _field("wandb", "Tracker for --with_tracking. Only 'wandb' is supported.")
+    report_to: list[str] = _field(
+        ["wandb"], "Trackers for --with_tracking, one or more of wandb, tensorboard, mlflow (e.g. --report_to wandb "
+        "tensorboard); each gets the same metrics and config. tensorboard writes OUTPUT_DIR/tensorboard; mlflow "
+        "MLFLOW_TRACKING_URI or file:OUTPUT_DIR/mlruns. Install them with pip install 'open-instruct-sft[trackers]'."
+    )
     wandb_project_name: str = _field("open_instruct_internal", "wandb project (with --with_tracking).")
     wandb_entity: str | None = _field(None, "wandb entity (team or user) (with --with_tracking).")
 
@@ -399,8 +403,8 @@ def validate(args: FinetuneArgs) -> None:
     template_error = unknown_template_error(args.chat_template_name) if args.chat_template_name else None
     if template_error:  # checked here, not when the tokenizer loads
         errors.append(template_error)
-    if args.report_to not in TRACKERS:
-        errors.append(f"--report_to {args.report_to!r} is not supported; use one of {', '.join(TRACKERS)}.")
+    if args.with_tracking:  # a missing package fails here, before the data or the model
+        errors += report_to_errors(args.report_to)
     # Flags that would be accepted and then ignored are errors: say which setting makes them do nothing.
     # A value that says what the schedule already does (no warmup, no warmdown, ending at the peak) is not refused.
     if args.lr_scheduler_type != "wsd" and _changed(args, "warmdown_ratio") and args.warmdown_ratio > 0:

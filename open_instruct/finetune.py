@@ -82,6 +82,7 @@ from open_instruct.run_lock import RunLock, RunLockError
 from open_instruct.sequence_parallel import launched_dims, parallelism_config, shard_row
 from open_instruct.source_checks import check_run_sources
 from open_instruct.storage import StorageError, failed_write, write_text
+from open_instruct.trackers import accelerator_tracking, init_tracking
 
 logger = logging.getLogger("open_instruct.finetune")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -139,7 +140,7 @@ def build_accelerator(args: FinetuneArgs) -> Accelerator:
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(hours=2))]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="wandb" if args.with_tracking else None,
+        **accelerator_tracking(args),
         kwargs_handlers=handlers,
         parallelism_config=parallelism_config(dims, attention_implementation(args.attn_implementation)),
     )
@@ -226,19 +227,6 @@ def record_run(args: FinetuneArgs, accelerator: Accelerator, output: Path, stats
 
     main_process_work(accelerator, write, (StorageError,),
                       lambda: StorageError(f"The main process could not write the run's records to {output}."))
-
-
-def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path) -> None:
-    if not args.with_tracking:
-        return
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        os.environ["WANDB_MODE"] = "offline"
-        logger.info("WANDB_API_KEY is not set: wandb runs offline under %s/wandb (upload later with `wandb sync`).", output)
-    accelerator.init_trackers(
-        args.wandb_project_name,
-        config=args_to_dict(args),
-        init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.exp_name, "dir": str(output)}},
-    )
 
 
 def model_dtype(accelerator: Accelerator, args: FinetuneArgs) -> torch.dtype:
@@ -462,7 +450,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
         raise ModelSetupError(f"With attention {attn}, packed examples attend to each other in this model. Use "
                               "--attn_implementation sdpa or flash_attention_2, or --no_padding_free.")
     check_room(accelerator, args, model, output)  # before training: the final model must fit on the disk
-    init_tracking(accelerator, args, output)
+    init_tracking(accelerator, args, output, args_to_dict(args))
 
     counters = RunCounters(accelerator.num_processes)
     start_step, first_loss, last_loss = 0, None, None

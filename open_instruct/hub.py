@@ -30,8 +30,8 @@ from open_instruct.data import DataError, MixerItem, resolve_mixture
 
 logger = logging.getLogger("open_instruct.hub")
 
-UPLOAD_IGNORE = ["checkpoints/**", ".final_model.tmp/**", ".adapter.tmp/**", ".merged.tmp/**", "wandb/**", "*.tmp",
-                 "run.lock", "logs/**"]
+UPLOAD_IGNORE = ["checkpoints/**", ".final_model.tmp/**", ".adapter.tmp/**", ".merged.tmp/**", "*.tmp", "run.lock",
+                 "logs/**", "wandb/**", "tensorboard/**", "mlruns/**"]  # the trackers' folders (trackers.py)
 TRANSIENT_STATUSES = {408, 429}  # and every 5xx
 FINAL = "final model"
 

@@ -255,7 +255,7 @@ def test_a_value_that_means_off_is_accepted_where_the_flag_does_nothing(extra):
         (["--push_to_hub", "--hf_repo_id", "a/b/c"], "--hf_repo_id"),
         (["--push_to_hub", "--hf_repo_id", "org/"], "--hf_repo_id"),
         (["--lr_scheduler_type", "bogus"], "bogus"),
-        (["--with_tracking", "--report_to", "tensorboard"], "--report_to"),
+        (["--with_tracking", "--report_to", "neptune"], "--report_to"),
     ],
 )
 def test_out_of_range_values_exit(extra, fragment, capsys):

@@ -312,7 +312,8 @@ def test_a_lora_run_uploads_its_adapter_and_merged_model_but_no_unfinished_save(
 
     files = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "metrics.jsonl",
              "merged/config.json", "merged/model.safetensors", ".adapter.tmp/adapter_model.safetensors",
-             ".merged.tmp/model.safetensors", "checkpoints/step_4/model.safetensors", "wandb/run/files.txt"]
+             ".merged.tmp/model.safetensors", "checkpoints/step_4/model.safetensors", "wandb/run/files.txt",
+             "tensorboard/proj/events.out.tfevents.1", "mlruns/1/run/metrics/train_loss"]
     kept = set(filter_repo_objects(files, ignore_patterns=hub.UPLOAD_IGNORE))
     assert kept == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md",
                     "metrics.jsonl", "merged/config.json", "merged/model.safetensors"}

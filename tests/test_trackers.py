@@ -1,0 +1,104 @@
+"""--report_to: several trackers at once (open_instruct/trackers.py), each with the same metrics and config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import clean_env, finetune, train_args
+from open_instruct import trackers
+from open_instruct.args import parse_args
+
+BASE = ["--model_name_or_path", "m", "--dataset_mixer_list", "synthetic:spelling", "1.0"]
+SENTINELS = {"HF_TOKEN": "hf_SENTINEL_do_not_log_4242", "WANDB_API_KEY": "wandb_SENTINEL_do_not_log_4242"}
+
+
+def _exit_message(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.split("error:", 1)[1]
+
+
+def test_report_to_takes_several_trackers_from_the_command_line_and_yaml(tmp_path):
+    assert parse_args(BASE).report_to == ["wandb"]
+    args = parse_args([*BASE, "--with_tracking", "--report_to", "wandb", "tensorboard", "mlflow"])
+    assert args.report_to == ["wandb", "tensorboard", "mlflow"]
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\ndataset_mixer_list: [synthetic:spelling, '1.0']\nwith_tracking: true\n"
+                      "report_to: [tensorboard, mlflow]\n")
+    assert parse_args([str(config)]).report_to == ["tensorboard", "mlflow"]
+    config.write_text("model_name_or_path: m\ndataset_mixer_list: [synthetic:spelling, '1.0']\nwith_tracking: true\n"
+                      "report_to: tensorboard\n")  # a single name, as before
+    assert parse_args([str(config)]).report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--with_tracking", "--report_to", "wandb", "neptune"], "--report_to 'neptune' is not supported"),
+    (["--with_tracking", "--report_to", "wandb", "wandb"], "--report_to names wandb more than once"),
+    (["--report_to", "tensorboard"], "--report_to has no effect without --with_tracking"),
+])
+def test_bad_report_to_exits(extra, fragment, capsys):
+    assert fragment in _exit_message([*BASE, *extra], capsys)
+
+
+def test_a_tracker_whose_package_is_missing_names_the_flag_and_the_install(monkeypatch, capsys):
+    real = trackers.importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name))
+    err = _exit_message([*BASE, "--with_tracking", "--report_to", "tensorboard", "mlflow"], capsys)
+    lines = [line for line in err.splitlines() if "--report_to" in line]
+    assert len(lines) == 1 and "pip install mlflow-skinny" in lines[0]
+
+
+def test_accelerator_tracking_puts_tensorboard_under_the_output_dir(tmp_path):
+    assert trackers.accelerator_tracking(parse_args(BASE)) == {"log_with": None}
+    args = parse_args([*BASE, "--output_dir", str(tmp_path), "--with_tracking", "--report_to", "tensorboard", "mlflow"])
+    kwargs = trackers.accelerator_tracking(args)
+    assert kwargs["log_with"] == ["tensorboard", "mlflow"]
+    assert kwargs["project_config"].logging_dir == str(tmp_path / "tensorboard")
+    assert kwargs["project_config"].project_dir is None  # checkpoint naming stays the trainer's own
+
+
+def test_scalar_config_writes_lists_and_none_as_text():
+    flat = trackers.scalar_config({"a": [1, "x"], "b": None, "c": 1.5, "d": True, "e": "s", "f": 3})
+    assert flat == {"a": "[1, 'x']", "b": "None", "c": 1.5, "d": True, "e": "s", "f": 3}
+
+
+@pytest.mark.integration
+def test_wandb_tensorboard_and_mlflow_get_the_same_metrics_and_no_secrets(tiny_model_dir, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    env = clean_env(WANDB_MODE="offline", **SENTINELS)
+    finetune(train_args(tiny_model_dir, out, "--max_train_steps", "3", "--with_tracking", "--report_to", "wandb",
+                        "tensorboard", "mlflow", "--wandb_project_name", "sft-trackers"), env=env)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+    assert sorted(losses) == [1, 2, 3]
+
+    event_dirs = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    scalars = {}
+    for folder in event_dirs:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        if "train_loss" in events.Tags()["scalars"]:
+            scalars = {e.step: e.value for e in events.Scalars("train_loss")}
+    assert scalars.keys() == losses.keys()
+    assert all(scalars[s] == pytest.approx(losses[s], rel=1e-6) for s in losses)
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.x reads a file store only with it
+    client = MlflowClient(tracking_uri=f"file:{out / 'mlruns'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "sft-trackers"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert history == pytest.approx(losses)
+    assert float(run.data.params["learning_rate"]) == 2e-3
+
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    for folder in ("wandb", "tensorboard", "mlruns"):
+        for path in (out / folder).rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert not any(s.encode() in data for s in SENTINELS.values()), path
