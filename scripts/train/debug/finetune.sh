@@ -83,3 +83,4 @@ fi
 if [ ${#HELD_OUT[@]} -gt 0 ]; then
     "$PYTHON" -m open_instruct.sample "$OUTPUT_DIR" --held_out "${HELD_OUT[@]}" --n 3
 fi
+echo "Chat with the result: $PYTHON -m open_instruct.chat $OUTPUT_DIR   (or: open-instruct-sft chat $OUTPUT_DIR; /help inside)"
