@@ -94,5 +94,5 @@ def tracking_places(args: FinetuneArgs, output: Path, own_mlflow_uri: bool) -> l
     """Where each tracker writes, for the log (a user's MLFLOW_TRACKING_URI is not shown: it may hold credentials)."""
     places = {"wandb": f"wandb ({os.environ.get('WANDB_MODE', 'online')}, {output / 'wandb'})",
               "tensorboard": f"tensorboard ({output / 'tensorboard'})",
-              "mlflow": f"mlflow ({os.environ['MLFLOW_TRACKING_URI'] if own_mlflow_uri else 'MLFLOW_TRACKING_URI'})"}
+              "mlflow": f"mlflow ({os.environ.get('MLFLOW_TRACKING_URI') if own_mlflow_uri else 'MLFLOW_TRACKING_URI'})"}
     return [places[name] for name in args.report_to]

@@ -60,6 +60,15 @@ def test_accelerator_tracking_puts_tensorboard_under_the_output_dir(tmp_path):
     assert kwargs["project_config"].project_dir is None  # checkpoint naming stays the trainer's own
 
 
+def test_the_log_names_where_each_tracker_writes_but_not_a_users_mlflow_uri(tmp_path, monkeypatch):
+    args = parse_args([*BASE, "--with_tracking", "--report_to", "tensorboard", "mlflow"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert trackers.tracking_places(parse_args([*BASE, "--with_tracking"]), tmp_path, True)[0].startswith("wandb (")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:secret@mlflow.example")
+    places = trackers.tracking_places(args, tmp_path, False)
+    assert places == [f"tensorboard ({tmp_path / 'tensorboard'})", "mlflow (MLFLOW_TRACKING_URI)"]
+
+
 def test_scalar_config_writes_lists_and_none_as_text():
     flat = trackers.scalar_config({"a": [1, "x"], "b": None, "c": 1.5, "d": True, "e": "s", "f": 3})
     assert flat == {"a": "[1, 'x']", "b": "None", "c": 1.5, "d": True, "e": "s", "f": 3}
