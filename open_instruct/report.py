@@ -271,13 +271,14 @@ def figure_for(plot: Plot, rows: list[dict]):
     fig = Figure(figsize=(FIGURE_WIDTH, PANEL_HEIGHT + 2.5 * (len(panels) - 1)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
-        drawn = [name for name in panel.fields if _draw_series(ax, rows, name)]
+        for name in panel.fields:
+            _draw_series(ax, rows, name)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, alpha=0.35)
         _format_axis(ax, panel.scale)
         if panel.from_zero:  # headroom above the highest point, or a flat line would hide under the frame
             ax.set_ylim(0, ax.dataLim.y1 * 1.1 if ax.dataLim.y1 > 0 else 1.0)
-        outside = len(drawn) > 5  # a long legend inside the axes would hide the lines
+        outside = len(ax.get_legend_handles_labels()[1]) > 5  # (baselines count) a long legend would hide lines
         ax.legend(fontsize="small", **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if outside else {}))
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(plot.title)
