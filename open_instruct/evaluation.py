@@ -6,6 +6,8 @@ and after the last step, on every process (DeepSpeed ZeRO-3 included).
     eval/<task>_accuracy greedy generation scored as open_instruct/generation_tasks.py says (synthetic tasks:
                          exact match; tool_calc: tool_calc_call and tool_calc_answer) or highest-log-likelihood
                          option (mc:<file.jsonl>)
+    eval/<task>_majority_baseline  the accuracy of always giving the task's most common expected answer (mc: always
+                         choosing the most common correct choice) on the same examples: what a constant reply scores
     eval/centered_accuracy  mean over tasks of (accuracy - chance) / (1 - chance) (ChatCORE-style)
 
 The loss set is --eval_dataset_mixer_list (tokenized and masked like training data) or --eval_fraction of the
@@ -59,6 +61,24 @@ def centered_accuracy(results: list[tuple[float, float]]) -> float:
     """Mean over tasks of (accuracy - chance) / (1 - chance), from (accuracy, chance) pairs: 0 is guessing, 1 is
     perfect, whatever each task's number of options."""
     return sum((accuracy - chance) / (1 - chance) for accuracy, chance in results) / len(results)
+
+
+def majority_baseline(answers: list) -> float:
+    """The accuracy of always giving the most common of `answers` (strings compared stripped, as exact match does;
+    for multiple choice the correct choices' indices): its count / the number of answers; 0 for none."""
+    if not answers:
+        return 0.0
+    counts: dict = {}
+    for answer in answers:
+        key = answer.strip() if isinstance(answer, str) else answer
+        counts[key] = counts.get(key, 0) + 1
+    return max(counts.values()) / len(answers)
+
+
+def task_majority_baseline(task) -> float:
+    """majority_baseline of a generation task's expected answers or a choice task's correct choices."""
+    return majority_baseline(list(task.answers) if isinstance(task, GenerationTask)
+                             else [question.answer for question in task.questions])
 
 
 def trained_bytes(tokenizer, input_ids, labels) -> int:
@@ -281,6 +301,7 @@ class Evaluator:
         self.stop_ids = end_of_turn_token_ids(tokenizer)
         rank, world = accelerator.process_index, accelerator.num_processes
         self.loss_set = loss_set
+        self.baselines = {task.name: task_majority_baseline(task) for task in tasks}  # fixed answers
         if loss_set is not None:
             everyone = all_rank_batches([1] * len(loss_set), world, self.batch_size)
             self.loss_batches, self.loss_forwards = everyone[rank], max(len(b) for b in everyone)
@@ -353,6 +374,7 @@ class Evaluator:
         results = []
         for task, (correct, total) in zip(self.tasks, zip(totals[0::2], totals[1::2])):
             record[f"eval/{task.name}_accuracy"] = correct / total
+            record[f"eval/{task.name}_majority_baseline"] = self.baselines[task.name]
             results.append((correct / total, task.chance))
         if results:
             record["eval/centered_accuracy"] = centered_accuracy(results)
@@ -465,8 +487,8 @@ def is_eval_record(record: dict) -> bool:
 
 def eval_summary(metrics_path: str | Path) -> dict:
     """initial_* from the step-0 evaluation, final_* from the last one and best_* (lowest loss or bits per byte,
-    highest accuracy) with the step it came at, read back from metrics.jsonl (which keeps them across a resume);
-    'eval/x' becomes 'eval_x'."""
+    highest accuracy; none for the fixed majority baselines) with the step it came at, read back from metrics.jsonl
+    (which keeps them across a resume); 'eval/x' becomes 'eval_x'."""
     path = Path(metrics_path)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     evals = [r for r in records if is_eval_record(r)]
@@ -476,7 +498,8 @@ def eval_summary(metrics_path: str | Path) -> dict:
         for key, value in (record or {}).items():
             if key not in ("step", "eval_seconds"):
                 summary[f"{prefix}_{key.replace('/', '_')}"] = value
-    for key in dict.fromkeys(k for r in evals for k in r if k not in ("step", "eval_seconds")):
+    for key in dict.fromkeys(k for r in evals for k in r if k not in ("step", "eval_seconds")
+                             and not k.endswith("_majority_baseline")):
         lower_is_better = not key.endswith("accuracy")  # eval_loss, eval_bits_per_byte
         scored = [r for r in evals if key in r]
         best = (min if lower_is_better else max)(scored, key=lambda r: r[key])  # the first of equals

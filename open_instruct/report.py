@@ -141,9 +141,22 @@ def non_finite_steps(rows: list[dict], name: str) -> list:
     return [row.get("step") for row in rows if isinstance(row.get(name), float) and not math.isfinite(row[name])]
 
 
+BASELINE = "_majority_baseline"
+
+
+def baseline_field(name: str) -> str | None:
+    """eval/<task>_accuracy -> eval/<task>_majority_baseline (what always giving the most common answer scores);
+    None for other fields (the centered accuracy has none)."""
+    if name.startswith("eval/") and name.endswith("_accuracy") and name != "eval/centered_accuracy":
+        return name[: -len("_accuracy")] + BASELINE
+    return None
+
+
 def eval_fields(rows: list[dict]) -> list[str]:
-    """eval_loss, eval_bits_per_byte, eval/<task>_accuracy ...: every field logged by the evaluation."""
-    names = dict.fromkeys(name for row in rows for name in row if name.startswith(("eval_", "eval/")))
+    """eval_loss, eval_bits_per_byte, eval/<task>_accuracy ...: every field logged by the evaluation, less the
+    majority baselines (shown beside their accuracies)."""
+    names = dict.fromkeys(name for row in rows for name in row
+                          if name.startswith(("eval_", "eval/")) and not name.endswith(BASELINE))
     return sorted(names, key=lambda name: (name.startswith("eval/"), name == "eval/centered_accuracy", name))
 
 
@@ -228,7 +241,11 @@ def _draw_series(ax, rows: list[dict], name: str) -> bool:
         ax.plot(steps, _ema(values, max(5, len(steps) // 25)), color=line.get_color(), linewidth=1.8,
                 label=f"{label(name)} (moving average)")
     else:
-        ax.plot(steps, values, label=label(name), **style)
+        line, = ax.plot(steps, values, label=label(name), **style)
+        baseline = series(rows, baseline_field(name)) if baseline_field(name) else ([], [])
+        if baseline[0]:  # constant per task: a dashed line across the steps evaluated, in the accuracy's colour
+            ax.plot(baseline[0], baseline[1], color=line.get_color(), linestyle="--", linewidth=1.0,
+                    label=f"{label(name)} majority baseline")
     return True
 
 
@@ -254,13 +271,14 @@ def figure_for(plot: Plot, rows: list[dict]):
     fig = Figure(figsize=(FIGURE_WIDTH, PANEL_HEIGHT + 2.5 * (len(panels) - 1)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
-        drawn = [name for name in panel.fields if _draw_series(ax, rows, name)]
+        for name in panel.fields:
+            _draw_series(ax, rows, name)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, alpha=0.35)
         _format_axis(ax, panel.scale)
         if panel.from_zero:  # headroom above the highest point, or a flat line would hide under the frame
             ax.set_ylim(0, ax.dataLim.y1 * 1.1 if ax.dataLim.y1 > 0 else 1.0)
-        outside = len(drawn) > 5  # a long legend inside the axes would hide the lines
+        outside = len(ax.get_legend_handles_labels()[1]) > 5  # (baselines count) a long legend would hide lines
         ax.legend(fontsize="small", **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if outside else {}))
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(plot.title)
@@ -381,18 +399,21 @@ def mixture_rows(stats: list) -> list[list]:
 
 
 def eval_rows(rows: list[dict]) -> list[list]:
-    """First and last logged value of each eval metric (the first is "before training" when step 0 was evaluated)."""
+    """First and last logged value of each eval metric (the first is "before training" when step 0 was evaluated),
+    and beside a task's accuracy its majority baseline (the last logged; "—" where none was logged)."""
     table_rows = []
     for name in eval_fields(rows):
         steps, values = series(rows, name)
         if not steps:
             continue
+        baseline = series(rows, baseline_field(name))[1] if baseline_field(name) else []
+        last_baseline = baseline[-1] if baseline else None
         first = f"{fmt(values[0])} (step {steps[0]})"
         if len(steps) == 1:
-            table_rows.append([f"`{name}`", first, "—", "—"])
+            table_rows.append([f"`{name}`", first, "—", "—", last_baseline])
         else:
             table_rows.append([f"`{name}`", first, f"{fmt(values[-1])} (step {steps[-1]})",
-                               f"{values[-1] - values[0]:+.4g}"])
+                               f"{values[-1] - values[0]:+.4g}", last_baseline])
     return table_rows
 
 
@@ -434,7 +455,8 @@ def write_report(run: Run, out_dir: str | Path, plots: list[Path]) -> Path:
              *(table(list(STAT_COLUMNS), mixture_rows(run.stats)) if run.stats else ["No dataset_stats.json."]),
              "", "## Final metrics", "", *_final_metrics(run),
              "", "## Evaluation", "",
-             *(table(["metric", "first", "last", "change"], evals) if evals else ["No eval metrics in metrics.jsonl."]),
+             *(table(["metric", "first", "last", "change", "majority baseline"], evals) if evals
+               else ["No eval metrics in metrics.jsonl."]),
              "", "## Plots", "", *_plots_section(run, out, plots)]
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes)]

@@ -37,8 +37,20 @@ def reverse(rng: random.Random) -> tuple[str, str]:
 
 
 def letter_count(rng: random.Random) -> tuple[str, str]:
+    """Balanced answers: the count is drawn uniformly from 0..3 and the word (4 to 8 letters) built to hold the
+    letter exactly that often, so always answering one number scores about 25%, not the 72% that always answering
+    "1" scored when the letter was mostly picked from the word."""
+    count, letter = rng.randrange(4), rng.choice(LETTERS)
+    others = LETTERS.replace(letter, "")
+    chars = [rng.choice(others) for _ in range(rng.randint(4, 8))]
+    for position in rng.sample(range(len(chars)), count):
+        chars[position] = letter
+    return f"How many times does the letter {letter} appear in {''.join(chars)}?", str(count)
+
+
+def _letter_question(rng: random.Random) -> tuple[str, str]:
+    """The reasoning task's question (a letter of the word most of the time; its rows are unchanged)."""
     word = _word(rng, 4, 8)
-    # Ask about a letter of the word most of the time, so answers are not almost always zero.
     letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(LETTERS)
     return f"How many times does the letter {letter} appear in {word}?", str(word.count(letter))
 
@@ -68,7 +80,7 @@ def tool_calc(rng: random.Random) -> dict:
 
 def reasoning(rng: random.Random) -> dict:
     """Letter counting with the count written out letter by letter in the reasoning, then the answer."""
-    prompt, answer = letter_count(rng)
+    prompt, answer = _letter_question(rng)
     letter, word = prompt.split(" the letter ")[1].split(" appear in ")
     word = word.rstrip("?")
     count, steps = 0, []

@@ -24,6 +24,7 @@ from open_instruct.evaluation import (
     Evaluator,
     bits_per_byte,
     centered_accuracy,
+    majority_baseline,
     eval_mixer_items,
     eval_summary,
     load_mc_file,
@@ -96,6 +97,16 @@ def test_centered_accuracy_on_literal_numbers():
     assert centered_accuracy([(0.0, 0.5)]) == pytest.approx(-1.0)  # worse than guessing is negative
 
 
+def test_majority_baseline_on_literal_lists():
+    """Always giving the most common answer: its count / the number of answers."""
+    assert majority_baseline(["1", "1", "2", "0", "1"]) == pytest.approx(3 / 5)
+    assert majority_baseline(["a", "b", "c", "d"]) == pytest.approx(1 / 4)  # a tie: any one of them
+    assert majority_baseline(["x"]) == 1.0
+    assert majority_baseline([" 1", "1 ", "2"]) == pytest.approx(2 / 3)  # compared stripped, like exact match
+    assert majority_baseline([1, 1, 0, 2]) == pytest.approx(1 / 2)  # multiple choice: correct choices' indices
+    assert majority_baseline([]) == 0.0
+
+
 def test_bits_per_byte_on_a_hand_computed_example(tokenizer):
     """'héllo' + eos as the trained reply: h, two bytes of é, l, l, o = 6 bytes in 6 byte tokens, plus the eos
     (0 bytes). With every trained token costing ln 2 nats (one bit): 7 bits over 6 bytes."""
@@ -144,6 +155,7 @@ def test_mc_scoring_picks_the_option_with_the_highest_log_likelihood(tokenizer, 
     record = evaluator.run(model, step=7)
     assert model.training  # train mode restored
     assert record["step"] == 7 and record["eval/toy_accuracy"] == pytest.approx(2 / 3)
+    assert record["eval/toy_majority_baseline"] == pytest.approx(1 / 3)  # correct choices 1, 0, 2: one each
     chance = (1 / 3 + 1 / 2 + 1 / 4) / 3
     assert record["eval/centered_accuracy"] == pytest.approx((2 / 3 - chance) / (1 - chance))
     assert "eval_loss" not in record
@@ -208,6 +220,8 @@ def test_exact_match_with_a_fake_generate(tokenizer):
     assert 0 < expected < 1
     assert record["eval/spelling_accuracy"] == pytest.approx(expected)
     assert record["eval/centered_accuracy"] == pytest.approx(expected)  # chance 0
+    answers = [row["messages"][1]["content"] for row in synthetic.load_task("spelling", "test")[:9]]
+    assert record["eval/spelling_majority_baseline"] == pytest.approx(max(map(answers.count, answers)) / 9)
     assert [c["rows"] for c in model.calls] == [4, 4, 1]
     assert not any(c["synced_gpus"] or c["training"] or c["grad"] for c in model.calls)
 
@@ -306,13 +320,16 @@ def test_eval_sources_default_to_test_splits_and_local_files_whole(tmp_path):
 
 def test_eval_summary_reads_the_first_last_and_best_evaluation(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0, "eval_loss": 3.0, "eval/spelling_accuracy": 0.0, "eval_seconds": 1.0},
+    base = {"eval/spelling_majority_baseline": 0.25}
+    rows = [{"step": 0, "eval_loss": 3.0, "eval/spelling_accuracy": 0.0, **base, "eval_seconds": 1.0},
             {"step": 1, "train_loss": 2.9, "epoch": 0.1},
-            {"step": 5, "eval_loss": 0.8, "eval/spelling_accuracy": 0.75, "eval_seconds": 1.0},
-            {"step": 9, "eval_loss": 1.0, "eval/spelling_accuracy": 0.5, "eval_seconds": 1.0}]
+            {"step": 5, "eval_loss": 0.8, "eval/spelling_accuracy": 0.75, **base, "eval_seconds": 1.0},
+            {"step": 9, "eval_loss": 1.0, "eval/spelling_accuracy": 0.5, **base, "eval_seconds": 1.0}]
     write_jsonl(path, rows)
     assert eval_summary(path) == {"initial_eval_loss": 3.0, "initial_eval_spelling_accuracy": 0.0,
+                                  "initial_eval_spelling_majority_baseline": 0.25,
                                   "final_eval_loss": 1.0, "final_eval_spelling_accuracy": 0.5,
+                                  "final_eval_spelling_majority_baseline": 0.25,
                                   "best_eval_loss": 0.8, "best_eval_loss_step": 5,
                                   "best_eval_spelling_accuracy": 0.75, "best_eval_spelling_accuracy_step": 5}
     assert eval_summary(tmp_path / "missing.jsonl") == {}
@@ -383,6 +400,7 @@ def test_training_run_evaluates_before_every_n_steps_and_at_the_end_and_resumes(
     assert summary["initial_eval_loss"] == records[0]["eval_loss"]
     assert summary["final_eval_loss"] == records[-1]["eval_loss"]
     assert summary["final_eval_spelling_accuracy"] == records[-1]["eval/spelling_accuracy"]
+    assert summary["final_eval_spelling_majority_baseline"] == records[-1]["eval/spelling_majority_baseline"]
     assert [m["step"] for m in read_metrics(out) if "train_loss" in m] == list(range(1, 11))
 
 
@@ -401,6 +419,7 @@ def test_eval_dataset_mixer_list_and_mc_file_leave_training_unchanged(tiny_model
     assert [r["step"] for r in records] == [0, 2]
     assert {"eval_loss", "eval_bits_per_byte", "eval/arc_toy_accuracy", "eval/reverse_accuracy"} <= set(records[0])
     assert records[0]["eval/arc_toy_accuracy"] in (0.0, 1.0)  # three copies of one question
+    assert records[0]["eval/arc_toy_majority_baseline"] == 1.0  # ... whose correct choice is always A
     finetune([*train, "--output_dir", str(plain)])
     losses = [[m["train_loss"] for m in read_metrics(d) if "train_loss" in m] for d in (out, plain)]
     assert losses[0] == losses[1]

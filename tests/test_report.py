@@ -32,9 +32,9 @@ TELEMETRY = {"grad_norm": 1.5, "mfu": 0.31, "tflops": 96.0, "padding_fraction": 
 # evaluated before training (step 0) and at step 4 only: a series with a gap
 EVAL_ROWS = [
     {"step": 0, "eval_loss": 3.5, "eval_bits_per_byte": 1.4, "eval/arc_accuracy": 0.3, "eval/gsm8k_accuracy": 0.1,
-     "eval/centered_accuracy": 0.05},
+     "eval/arc_majority_baseline": 0.35, "eval/gsm8k_majority_baseline": 0.02, "eval/centered_accuracy": 0.05},
     {"step": 4, "eval_loss": 2.4, "eval_bits_per_byte": 1.0, "eval/arc_accuracy": 0.4, "eval/gsm8k_accuracy": 0.2,
-     "eval/centered_accuracy": 0.15},
+     "eval/arc_majority_baseline": 0.35, "eval/gsm8k_majority_baseline": 0.02, "eval/centered_accuracy": 0.15},
 ]
 SUMMARY = {"steps": 4, "resumed_from": None, "train_seconds": 2.5, "first_train_loss": 3.2, "last_train_loss": 2.2,
            "total_tokens": 1600, "trained_tokens": 500, "per_device_tps": 990.0}
@@ -129,8 +129,12 @@ def test_report_md_has_config_mixture_metrics_eval_and_links_every_png(full_repo
     assert "| data/chats.jsonl | train | 40 | 32 | 31 | 2,100 | 800 | whole_turns: 2 | no trained tokens: 1 |" in text
     assert "| **total** |  | 7,191 | 128 | 127 | 5,500 | 1,750 |  |  |" in text
     assert "| `last_train_loss` | 2.2 |" in text and "| `total_tokens` | 1,600 |" in text
-    assert "| `eval_loss` | 3.5 (step 0) | 2.4 (step 4) | -1.1 |" in text
-    assert "| `eval/arc_accuracy` | 0.3 (step 0) | 0.4 (step 4) | +0.1 |" in text
+    assert "| metric | first | last | change | majority baseline |" in text
+    assert "| `eval_loss` | 3.5 (step 0) | 2.4 (step 4) | -1.1 | — |" in text
+    assert "| `eval/arc_accuracy` | 0.3 (step 0) | 0.4 (step 4) | +0.1 | 0.35 |" in text
+    assert "| `eval/gsm8k_accuracy` | 0.1 (step 0) | 0.2 (step 4) | +0.1 | 0.02 |" in text
+    assert "| `eval/centered_accuracy` | 0.05 (step 0) | 0.15 (step 4) | +0.1 | — |" in text
+    assert "`eval/arc_majority_baseline` |" not in text  # a column, not rows of its own
     assert "commit `0123456789ab` with uncommitted changes" in text and "2 on node1" in text
     for name in ALL_PLOTS:
         assert f"]({name})" in text, name
@@ -159,8 +163,14 @@ def test_eval_series_with_gaps_are_plotted_only_where_they_exist():
     lines = {line.get_label(): list(line.get_xdata()) for line in loss.axes[0].get_lines()}
     assert lines == {"train": [1, 2, 3, 4], "eval": [0, 4]}
     accuracy_axes = report.figure_for(plots["eval.png"], rows).axes[1]
-    assert {line.get_label(): list(line.get_xdata()) for line in accuracy_axes.get_lines()} == {
-        "arc": [0, 4], "gsm8k": [0, 4], "centered accuracy": [0, 4]}
+    drawn = {line.get_label(): line for line in accuracy_axes.get_lines()}
+    assert {name: list(line.get_xdata()) for name, line in drawn.items()} == {
+        "arc": [0, 4], "arc majority baseline": [0, 4], "gsm8k": [0, 4], "gsm8k majority baseline": [0, 4],
+        "centered accuracy": [0, 4]}
+    for task, baseline in (("arc", 0.35), ("gsm8k", 0.02)):  # dashed, in the task's colour, at its baseline
+        line = drawn[f"{task} majority baseline"]
+        assert line.get_linestyle() == "--" and line.get_color() == drawn[task].get_color()
+        assert list(line.get_ydata()) == [baseline, baseline]
 
 
 def test_nan_and_non_numbers_are_left_out_and_noted(tmp_path):

@@ -81,12 +81,14 @@ def test_reverse_answers(split):
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_letter_count_answers(split):
-    nonzero = 0
+    answers = []
     for prompt, answer in _pairs("letter_count", split):
         letter, word = re.fullmatch(r"How many times does the letter ([a-z]) appear in ([a-z]+)\?", prompt).groups()
-        assert answer == str(word.count(letter))
-        nonzero += answer != "0"
-    assert nonzero > 0
+        assert answer == str(word.count(letter)) and 4 <= len(word) <= 8
+        answers.append(answer)
+    # balanced: always answering one number scores about 25% (it was 72% for "1" when the letter came from the word)
+    assert set(answers) == {"0", "1", "2", "3"}
+    assert max(map(answers.count, set(answers))) / len(answers) < 0.28
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -104,7 +106,7 @@ def test_arithmetic_answers(split):
 FIRST_ROWS = {
     "spelling": ("Spell the word: rkgd", "r k g d"),
     "reverse": ("Reverse the word: tupnb", "bnput"),
-    "letter_count": ("How many times does the letter b appear in aqfoor?", "0"),
+    "letter_count": ("How many times does the letter a appear in gpasachx?", "2"),
     "arithmetic": ("What is 83 - 39?", "44"),
     "tool_calc": ("What is 83 - 52?", "31"),
     "reasoning": ("How many times does the letter y appear in lxylzzi?", "1"),
@@ -112,12 +114,12 @@ FIRST_ROWS = {
 FIRST_TEST_PROMPTS = {
     "spelling": "Spell the word: apu",
     "reverse": "Reverse the word: pzvje",
-    "letter_count": "How many times does the letter v appear in ovrudeb?",
+    "letter_count": "How many times does the letter b appear in bbbskm?",
     "arithmetic": "What is 40 + 23?",
     "tool_calc": "What is 36 * 95?",
     "reasoning": "How many times does the letter m appear in rqvovsm?",
 }
-SPLIT_SIZES = {"spelling": (7151, 759), "reverse": (7127, 784), "letter_count": (7229, 771), "arithmetic": (5399, 590),
+SPLIT_SIZES = {"spelling": (7151, 759), "reverse": (7127, 784), "letter_count": (7186, 797), "arithmetic": (5399, 590),
                "tool_calc": (6052, 667), "reasoning": (7212, 788)}
 
 
