@@ -30,18 +30,20 @@ DS_CONFIG=${DS_CONFIG:-}
 if [ -z "${MODEL:-}" ]; then
     MODEL=${TINY_MODEL_DIR:-output/tiny-llama}
     [ -f "$MODEL/config.json" ] || "$PYTHON" -m open_instruct.tiny_model "$MODEL"
-    DATASET=${DATASET:-"synthetic:spelling 4000 synthetic:reverse 2000 synthetic:letter_count 2000"}
+    # letter_count is not in the demo: with balanced answers (0-3) the tiny model answered one count every time
+    # (exact match 0.30 = its majority baseline after 1,500 steps, docs/benchmarks.md), so it would show nothing.
+    DATASET=${DATASET:-"synthetic:spelling 4000 synthetic:reverse 2000"}
     # lr 5e-4: at 2e-3 the tiny model learned the answer format but never to copy letters (exact match 0 on
     # spelling and reverse after 1500 steps); at 5e-4 it spells and reverses every held-out word by step 1000.
     RECIPE=(--learning_rate 5e-4 --lr_scheduler_type linear --warmup_ratio 0.05 --num_train_epochs 3
             --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_seq_length 256
             --clip_grad_norm 1.0 --logging_steps 25)
-    HELD_OUT=(synthetic:spelling synthetic:reverse synthetic:letter_count)
+    HELD_OUT=(synthetic:spelling synthetic:reverse)
     if [ "${EVAL:-1}" != 0 ]; then
         # Before training, every 250 steps and after the last: the test splits' loss and the tasks' exact match
         # (50 of each; about 0.4 s an evaluation).
-        RECIPE+=(--eval_dataset_mixer_list synthetic:spelling 1.0 synthetic:reverse 1.0 synthetic:letter_count 1.0
-                 --eval_tasks spelling reverse letter_count --eval_max_examples 50 --eval_every 250)
+        RECIPE+=(--eval_dataset_mixer_list synthetic:spelling 1.0 synthetic:reverse 1.0
+                 --eval_tasks spelling reverse --eval_max_examples 50 --eval_every 250)
     fi
 else
     # A real model: open-instruct's debug settings (lr 5e-6, max_seq_length 1024) on a 100-row sample.
