@@ -17,14 +17,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-# subcommand -> (module with main(argv), one line for --help)
+# subcommand -> ("module:function", one line for --help). The function is the one `python -m module` runs: for
+# finetune that is cli(), which turns a user error into one line and exit status 2 (main() raises it).
 COMMANDS = {
-    "finetune": ("open_instruct.finetune", "train: the SFT trainer (one process; use accelerate launch for more)"),
-    "prepare": ("open_instruct.prepare_data", "tokenize and cache the mixture ahead of training, with an audit"),
-    "report": ("open_instruct.report", "(re)draw a run directory's report: report.md and PNG plots"),
-    "chat": ("open_instruct.chat", "chat in the terminal with a trained model, adapter or merged model"),
-    "mason": ("open_instruct.mason", "turn a training command into a Slurm job, a local multi-node run or commands"),
-    "tiny-model": ("open_instruct.tiny_model", "build the embedded tiny Llama model and its tokenizer"),
+    "finetune": ("open_instruct.finetune:cli", "train: the SFT trainer (one process; use accelerate launch for more)"),
+    "prepare": ("open_instruct.prepare_data:main", "tokenize and cache the mixture ahead of training, with an audit"),
+    "report": ("open_instruct.report:main", "(re)draw a run directory's report: report.md and PNG plots"),
+    "chat": ("open_instruct.chat:main", "chat in the terminal with a trained model, adapter or merged model"),
+    "mason": ("open_instruct.mason:main", "run a training command as a Slurm job, a local multi-node run or a script"),
+    "tiny-model": ("open_instruct.tiny_model:main", "build the embedded tiny Llama model and its tokenizer"),
 }
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"open-instruct-sft: error: unknown command {name!r}; use one of {', '.join(COMMANDS)}.",
               file=sys.stderr)
         return 2
-    module_name = COMMANDS[name][0]
+    module_name, function = COMMANDS[name][0].split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"open-instruct-sft: error: {name}: {module_name} is not in this installation; reinstall the package.",
               file=sys.stderr)
         return 2
-    sys.argv = [f"open-instruct-sft {name}", *rest]  # argparse's usage lines name the subcommand
-    code = module.main(rest)
+    sys.argv = [f"open-instruct-sft {name}", *rest]  # argparse's usage lines name the subcommand (cli() reads it)
+    entry = getattr(module, function)
+    code = entry() if function == "cli" else entry(rest)
     return code if isinstance(code, int) else 0
 
 

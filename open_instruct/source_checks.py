@@ -154,9 +154,11 @@ def _hub_problem(repo: HubRepo) -> str | None:
         logger.warning("%s: the Hugging Face Hub did not answer (%s); using the local cache.", repo.subject,
                        hub.error_reason(unreachable))
         return None
-    return (f"{repo.subject}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
-            f"({hub.error_reason(unreachable)}), and the local cache ({_cache_dir(repo)}) does not hold it. Check the "
-            "network, the proxy or HF_ENDPOINT.")
+    # "output/tiny-llama" is also a valid repo id: a mistyped local path lands here, so say both.
+    return (f"{repo.subject}: not {repo.local_kind} (relative paths start from {Path.cwd()}), and as a hub repo: "
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({hub.error_reason(unreachable)}), and the "
+            f"local cache ({_cache_dir(repo)}) does not hold it. Fix the path, or check the network, the proxy or "
+            "HF_ENDPOINT.")
 
 
 def in_local_cache(repo: HubRepo) -> bool:

@@ -207,10 +207,13 @@ def test_an_unreachable_hub_is_one_line_within_seconds(tiny_model_dir, tmp_path)
     data = finetune(trainer_args(tiny_model_dir, tmp_path / "run", "org/some-chats", "1.0"), env=env, check=False)
     assert time.monotonic() - started < 60  # the hub client's retries alone took ~25 s per file
     unreachable = "cannot reach the Hugging Face Hub at http://127.0.0.1:9 (ConnectError: [Errno 111] Connection refused)"
-    assert one_error_line(model) == (f"--model_name_or_path org/some-model: {unreachable}, and the local cache "
-                                     f"({tmp_path / 'hf_home' / 'hub'}) does not hold it. Check the network, the "
-                                     "proxy or HF_ENDPOINT.")
-    assert one_error_line(data).startswith(f"dataset org/some-chats: {unreachable}, and the local cache (")
+    # "org/some-model" could be a mistyped local path as well as a repo id: the line says both.
+    assert one_error_line(model) == (
+        f"--model_name_or_path org/some-model: not a local directory with config.json (relative paths start from "
+        f"{REPO}), and as a hub repo: {unreachable}, and the local cache ({tmp_path / 'hf_home' / 'hub'}) does not "
+        "hold it. Fix the path, or check the network, the proxy or HF_ENDPOINT.")
+    assert one_error_line(data).startswith(f"dataset org/some-chats: not a local file or folder (relative paths start "
+                                           f"from {REPO}), and as a hub repo: {unreachable}, and the local cache (")
     assert model_never_loaded(data)
 
 
