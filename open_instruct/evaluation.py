@@ -8,7 +8,8 @@ and after the last step, on every process (DeepSpeed ZeRO-3 included).
                          option (mc:<file.jsonl>)
     eval/<task>_majority_baseline  the accuracy of always giving the task's most common expected answer (mc: always
                          choosing the most common correct choice) on the same examples: what a constant reply scores
-    eval/centered_accuracy  mean over tasks of (accuracy - chance) / (1 - chance) (ChatCORE-style)
+    eval/centered_accuracy  mean over tasks of (accuracy - floor) / (1 - floor), floor = the larger of chance and
+                         the majority baseline (ChatCORE-style, so a constant answer centers at 0 or below)
 
 The loss set is --eval_dataset_mixer_list (tokenized and masked like training data) or --eval_fraction of the
 training mixture, held out by a seeded hash of each example's tokens (`split_held_out`). Every process takes every
@@ -58,9 +59,10 @@ def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
 
 
 def centered_accuracy(results: list[tuple[float, float]]) -> float:
-    """Mean over tasks of (accuracy - chance) / (1 - chance), from (accuracy, chance) pairs: 0 is guessing, 1 is
-    perfect, whatever each task's number of options."""
-    return sum((accuracy - chance) / (1 - chance) for accuracy, chance in results) / len(results)
+    """Mean over tasks of (accuracy - floor) / (1 - floor), from (accuracy, floor) pairs: 0 is what guessing or a
+    constant answer scores, 1 is perfect, whatever each task's number of options. A task whose floor is 1 (every
+    expected answer the same) can show no learning: it counts 0."""
+    return sum((accuracy - floor) / (1 - floor) if floor < 1 else 0.0 for accuracy, floor in results) / len(results)
 
 
 def majority_baseline(answers: list) -> float:
@@ -375,7 +377,9 @@ class Evaluator:
         for task, (correct, total) in zip(self.tasks, zip(totals[0::2], totals[1::2])):
             record[f"eval/{task.name}_accuracy"] = correct / total
             record[f"eval/{task.name}_majority_baseline"] = self.baselines[task.name]
-            results.append((correct / total, task.chance))
+            # ChatCORE centers by random guessing; exact match has no guessing (chance 0) but a constant answer
+            # scores its majority baseline, so the floor is the larger of the two.
+            results.append((correct / total, max(task.chance, self.baselines[task.name])))
         if results:
             record["eval/centered_accuracy"] = centered_accuracy(results)
         return record

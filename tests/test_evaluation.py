@@ -95,6 +95,7 @@ def test_centered_accuracy_on_literal_numbers():
     assert centered_accuracy([(0.25, 0.25)]) == 0.0  # guessing
     assert centered_accuracy([(1.0, 0.5), (0.0, 0.0)]) == pytest.approx(0.5)
     assert centered_accuracy([(0.0, 0.5)]) == pytest.approx(-1.0)  # worse than guessing is negative
+    assert centered_accuracy([(1.0, 1.0), (0.5, 0.0)]) == pytest.approx(0.25)  # a floor of 1 shows nothing: 0
 
 
 def test_majority_baseline_on_literal_lists():
@@ -219,9 +220,11 @@ def test_exact_match_with_a_fake_generate(tokenizer):
     expected = sum(len(w) % 2 == 0 for w in words) / 9
     assert 0 < expected < 1
     assert record["eval/spelling_accuracy"] == pytest.approx(expected)
-    assert record["eval/centered_accuracy"] == pytest.approx(expected)  # chance 0
     answers = [row["messages"][1]["content"] for row in synthetic.load_task("spelling", "test")[:9]]
-    assert record["eval/spelling_majority_baseline"] == pytest.approx(max(map(answers.count, answers)) / 9)
+    baseline = max(map(answers.count, answers)) / 9
+    assert record["eval/spelling_majority_baseline"] == pytest.approx(baseline)
+    # Exact match has no chance of guessing, so the majority baseline is the floor the accuracy is centered on.
+    assert record["eval/centered_accuracy"] == pytest.approx((expected - baseline) / (1 - baseline))
     assert [c["rows"] for c in model.calls] == [4, 4, 1]
     assert not any(c["synced_gpus"] or c["training"] or c["grad"] for c in model.calls)
 
