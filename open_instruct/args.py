@@ -314,11 +314,13 @@ class FinetuneArgs:
     )
     with_tracking: bool = _field(False, "Also send metrics and the resolved config to an experiment tracker.")
     report_to: list[str] = _field(
-        ["wandb"], "Trackers for --with_tracking, one or more of wandb, tensorboard, mlflow (e.g. --report_to wandb "
-        "tensorboard); each gets the same metrics and config. tensorboard writes OUTPUT_DIR/tensorboard; mlflow "
-        "MLFLOW_TRACKING_URI or file:OUTPUT_DIR/mlruns. Install them with pip install 'open-instruct-sft[trackers]'."
+        ["wandb"], "Trackers for --with_tracking, one or more of wandb, tensorboard, mlflow, trackio (e.g. --report_to "
+        "wandb tensorboard); each gets the same metrics and config. tensorboard writes OUTPUT_DIR/tensorboard; mlflow "
+        "MLFLOW_TRACKING_URI or file:OUTPUT_DIR/mlruns; trackio TRACKIO_DIR or OUTPUT_DIR/trackio. Install them with "
+        "pip install 'open-instruct-sft[trackers]'."
     )
-    wandb_project_name: str = _field("open_instruct_internal", "wandb project (with --with_tracking).")
+    wandb_project_name: str = _field("open_instruct_internal", "wandb project (with --with_tracking); also the "
+                                     "tensorboard folder, the mlflow experiment and the trackio project.")
     wandb_entity: str | None = _field(None, "wandb entity (team or user) (with --with_tracking).")
 
     def __post_init__(self):

@@ -450,7 +450,7 @@ def train(args: FinetuneArgs, accelerator: Accelerator, output: Path, repo_id: s
         raise ModelSetupError(f"With attention {attn}, packed examples attend to each other in this model. Use "
                               "--attn_implementation sdpa or flash_attention_2, or --no_padding_free.")
     check_room(accelerator, args, model, output)  # before training: the final model must fit on the disk
-    init_tracking(accelerator, args, output, args_to_dict(args))
+    init_tracking(accelerator, args, output, args_to_dict(args), resuming=resumed is not None)
 
     counters = RunCounters(accelerator.num_processes)
     start_step, first_loss, last_loss = 0, None, None

@@ -1,15 +1,19 @@
-"""Experiment trackers for --with_tracking: wandb, TensorBoard and MLflow, one or several at once (--report_to).
+"""Experiment trackers for --with_tracking: wandb, TensorBoard, MLflow and Trackio, one or several at once
+(--report_to).
 
 Every tracker gets the same metrics (the lines of metrics.jsonl, through accelerate's `Accelerator.log`) and the same
 resolved config: the flags (`args_to_dict`), which hold no secrets (tokens come from the environment, never from
 flags; see run_info.py). TensorBoard's hparams and MLflow's params take scalars only, so they get the config with
-lists and None written as text. Where each one writes:
+lists and None written as text; wandb and Trackio take it whole. Where each one writes:
 
 - wandb: OUTPUT_DIR/wandb; offline (sync later with `wandb sync`) when neither WANDB_API_KEY nor WANDB_MODE is set.
 - tensorboard: OUTPUT_DIR/tensorboard/<wandb_project_name> (`tensorboard --logdir OUTPUT_DIR/tensorboard`).
 - mlflow: MLFLOW_TRACKING_URI when set, else file:OUTPUT_DIR/mlruns (with MLFLOW_ALLOW_FILE_STORE=true, which MLflow
   3.x needs for a file store; read it with the same variable set: `mlflow ui --backend-store-uri file:...`); the
   experiment is --wandb_project_name (or MLFLOW_EXPERIMENT_NAME), the run is --exp_name.
+- trackio: TRACKIO_DIR when set, else OUTPUT_DIR/trackio: one SQLite file per project (--wandb_project_name), the
+  run named --exp_name (`TRACKIO_DIR=OUTPUT_DIR/trackio trackio show --project NAME` opens its dashboard). Local
+  only: a Space or a Trackio server is the user's own TRACKIO_SPACE_ID / TRACKIO_SERVER_URL.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ logger = logging.getLogger(__name__)
 
 # tracker name -> (module that must be importable, what to pip install)
 TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard"),
-                    "mlflow": ("mlflow", "mlflow-skinny")}
+                    "mlflow": ("mlflow", "mlflow-skinny"), "trackio": ("trackio", "trackio")}
 TRACKERS = tuple(TRACKER_PACKAGES)
-TRACKER_DIRS = ("wandb", "tensorboard", "mlruns")  # under OUTPUT_DIR; hub.py leaves them out of uploads
+TRACKER_DIRS = ("wandb", "tensorboard", "mlruns", "trackio")  # under OUTPUT_DIR; hub.py leaves them out of uploads
 
 
 def report_to_errors(report_to: list[str]) -> list[str]:
@@ -66,9 +70,10 @@ def scalar_config(config: dict) -> dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
 
 
-def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path, config: dict) -> None:
+def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path, config: dict,
+                  resuming: bool = False) -> None:
     """Start the trackers of --report_to and give each the resolved config (every process calls it; accelerate
-    starts trackers on the main process only)."""
+    starts trackers on the main process only). A run resuming from a checkpoint continues its trackio run."""
     if not args.with_tracking:
         return
     if "wandb" in args.report_to and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
@@ -78,21 +83,32 @@ def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path, co
     if "mlflow" in args.report_to and own_mlflow_uri:
         os.environ["MLFLOW_TRACKING_URI"] = f"file:{(output / 'mlruns').resolve()}"
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.x refuses a file store without it
+    if "trackio" in args.report_to:
+        # trackio reads TRACKIO_DIR once, when it is first imported (by accelerate's tracker, just below).
+        os.environ.setdefault("TRACKIO_DIR", str((output / "trackio").resolve()))
     accelerator.init_trackers(
         args.wandb_project_name,
         config=None,  # given below, in the form each tracker takes
         init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.exp_name, "dir": str(output)},
-                     "mlflow": {"run_name": args.exp_name}},  # its experiment: the project name
+                     "mlflow": {"run_name": args.exp_name},  # its experiment: the project name
+                     # the config at init: accelerate's later config.update would store its allow_val_change flag
+                     # as one more hyperparameter
+                     "trackio": {"name": args.exp_name, "config": config,
+                                 "resume": "allow" if resuming else "never"}},
     )
     for tracker in accelerator.trackers:
-        tracker.store_init_configuration(config if tracker.name == "wandb" else scalar_config(config))
+        if tracker.name != "trackio":
+            tracker.store_init_configuration(config if tracker.name == "wandb" else scalar_config(config))
     if accelerator.is_main_process:
         logger.info("Tracking to %s.", ", ".join(tracking_places(args, output, own_mlflow_uri)))
 
 
 def tracking_places(args: FinetuneArgs, output: Path, own_mlflow_uri: bool) -> list[str]:
     """Where each tracker writes, for the log (a user's MLFLOW_TRACKING_URI is not shown: it may hold credentials)."""
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") if own_mlflow_uri else "MLFLOW_TRACKING_URI"
+    trackio_dir = os.environ.get("TRACKIO_DIR", output / "trackio")
     places = {"wandb": f"wandb ({os.environ.get('WANDB_MODE', 'online')}, {output / 'wandb'})",
               "tensorboard": f"tensorboard ({output / 'tensorboard'})",
-              "mlflow": f"mlflow ({os.environ.get('MLFLOW_TRACKING_URI') if own_mlflow_uri else 'MLFLOW_TRACKING_URI'})"}
+              "mlflow": f"mlflow ({mlflow_uri})",
+              "trackio": f"trackio ({trackio_dir}, project {args.wandb_project_name})"}
     return [places[name] for name in args.report_to]

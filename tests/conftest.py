@@ -72,7 +72,8 @@ def small_disk(tmp_path) -> Iterator:
 
 def clean_env(**extra) -> dict:
     """The environment for a child run: no tracker or hub credentials leak in from the developer's shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_", "ACCELERATE_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WANDB_", "HF_", "ACCELERATE_", "MLFLOW_", "TRACKIO_"))}
     env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     # Children import this checkout's package even when they run a script from tests/ (whose own folder, not the
     # repository, is first on their path) and the environment's editable install points at another checkout.

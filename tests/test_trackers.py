@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -69,20 +71,40 @@ def test_the_log_names_where_each_tracker_writes_but_not_a_users_mlflow_uri(tmp_
     assert places == [f"tensorboard ({tmp_path / 'tensorboard'})", "mlflow (MLFLOW_TRACKING_URI)"]
 
 
+class RecordingAccelerator:
+    is_main_process, trackers = True, []
+
+    def init_trackers(self, project, config=None, init_kwargs=None):
+        self.project, self.init_kwargs = project, init_kwargs
+
+
+@pytest.mark.parametrize("resuming, mode", [(False, "never"), (True, "allow")])
+def test_trackio_gets_the_config_at_init_and_a_resumed_run_continues_its_run(tmp_path, monkeypatch, resuming, mode):
+    monkeypatch.setenv("TRACKIO_DIR", "")  # so that monkeypatch restores it, once init_tracking has set it
+    monkeypatch.delenv("TRACKIO_DIR")
+    args = parse_args([*BASE, "--with_tracking", "--report_to", "trackio", "--exp_name", "sft-x"])
+    accelerator = RecordingAccelerator()
+    trackers.init_tracking(accelerator, args, tmp_path, {"learning_rate": 1e-5}, resuming=resuming)
+    assert accelerator.init_kwargs["trackio"] == {"name": "sft-x", "config": {"learning_rate": 1e-5}, "resume": mode}
+    assert trackers.os.environ["TRACKIO_DIR"] == str(tmp_path / "trackio")  # its store under OUTPUT_DIR
+
+
 def test_scalar_config_writes_lists_and_none_as_text():
     flat = trackers.scalar_config({"a": [1, "x"], "b": None, "c": 1.5, "d": True, "e": "s", "f": 3})
     assert flat == {"a": "[1, 'x']", "b": "None", "c": 1.5, "d": True, "e": "s", "f": 3}
 
 
 @pytest.mark.integration
-def test_wandb_tensorboard_and_mlflow_get_the_same_metrics_and_no_secrets(tiny_model_dir, tmp_path, monkeypatch):
+def test_wandb_tensorboard_mlflow_and_trackio_get_the_same_metrics_and_no_secrets(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     env = clean_env(WANDB_MODE="offline", **SENTINELS)
     finetune(train_args(tiny_model_dir, out, "--max_train_steps", "3", "--with_tracking", "--report_to", "wandb",
-                        "tensorboard", "mlflow", "--wandb_project_name", "sft-trackers"), env=env)
+                        "tensorboard", "mlflow", "trackio", "--wandb_project_name", "sft-trackers", "--exp_name",
+                        "sft-x"), env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
     assert sorted(losses) == [1, 2, 3]
@@ -105,9 +127,24 @@ def test_wandb_tensorboard_and_mlflow_get_the_same_metrics_and_no_secrets(tiny_m
     assert history == pytest.approx(losses)
     assert float(run.data.params["learning_rate"]) == 2e-3
 
+    logs, config = read_trackio(out / "trackio", "sft-trackers", "sft-x")
+    assert {r["step"]: r["train_loss"] for r in logs if "train_loss" in r} == pytest.approx(losses)
+    assert config["learning_rate"] == 2e-3 and "allow_val_change" not in config
+
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
-    for folder in ("wandb", "tensorboard", "mlruns"):
+    for folder in ("wandb", "tensorboard", "mlruns", "trackio"):
         for path in (out / folder).rglob("*"):
             if path.is_file():
                 data = path.read_bytes()
                 assert not any(s.encode() in data for s in SENTINELS.values()), path
+
+
+def read_trackio(store, project: str, run: str) -> tuple[list[dict], dict]:
+    """A run's logged rows and config, through trackio's own reader in a fresh process (it reads TRACKIO_DIR when
+    first imported)."""
+    code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+            "print(json.dumps([S.get_logs(sys.argv[1], sys.argv[2]), S.get_run_config(sys.argv[1], sys.argv[2])]))")
+    result = subprocess.run([sys.executable, "-c", code, project, run], env=clean_env(TRACKIO_DIR=str(store)),
+                            capture_output=True, text=True, check=True, timeout=120)
+    logs, config = json.loads(result.stdout.strip().splitlines()[-1])
+    return logs, config
