@@ -110,5 +110,7 @@ def tracking_places(args: FinetuneArgs, output: Path, own_mlflow_uri: bool) -> l
     places = {"wandb": f"wandb ({os.environ.get('WANDB_MODE', 'online')}, {output / 'wandb'})",
               "tensorboard": f"tensorboard ({output / 'tensorboard'})",
               "mlflow": f"mlflow ({mlflow_uri})",
-              "trackio": f"trackio ({trackio_dir}, project {args.wandb_project_name})"}
+              # trackio's own banner says `trackio show` without the folder, which would read its default one
+              "trackio": f"trackio ({trackio_dir}; to view: TRACKIO_DIR={trackio_dir} trackio show --project "
+                         f"{args.wandb_project_name})"}
     return [places[name] for name in args.report_to]

@@ -69,6 +69,11 @@ def test_the_log_names_where_each_tracker_writes_but_not_a_users_mlflow_uri(tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:secret@mlflow.example")
     places = trackers.tracking_places(args, tmp_path, False)
     assert places == [f"tensorboard ({tmp_path / 'tensorboard'})", "mlflow (MLFLOW_TRACKING_URI)"]
+    monkeypatch.delenv("TRACKIO_DIR", raising=False)
+    (trackio,) = trackers.tracking_places(parse_args([*BASE, "--with_tracking", "--report_to", "trackio"]), tmp_path,
+                                          True)
+    assert trackio == (f"trackio ({tmp_path / 'trackio'}; to view: TRACKIO_DIR={tmp_path / 'trackio'} trackio show "
+                       "--project open_instruct_internal)")
 
 
 class RecordingAccelerator:
