@@ -7,6 +7,8 @@ flags; see run_info.py). TensorBoard's hparams and MLflow's params take scalars 
 lists and None written as text; wandb and Trackio take it whole. Where each one writes:
 
 - wandb: OUTPUT_DIR/wandb; offline (sync later with `wandb sync`) when neither WANDB_API_KEY nor WANDB_MODE is set.
+  The run's id is kept in OUTPUT_DIR/wandb/run_id, so a run resumed from a checkpoint continues the same wandb run
+  (resume="allow") instead of starting a second one.
 - tensorboard: OUTPUT_DIR/tensorboard/<wandb_project_name> (`tensorboard --logdir OUTPUT_DIR/tensorboard`).
 - mlflow: MLFLOW_TRACKING_URI when set, else file:OUTPUT_DIR/mlruns (with MLFLOW_ALLOW_FILE_STORE=true, which MLflow
   3.x needs for a file store; read it with the same variable set: `mlflow ui --backend-store-uri file:...`); the
@@ -73,7 +75,8 @@ def scalar_config(config: dict) -> dict:
 def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path, config: dict,
                   resuming: bool = False) -> None:
     """Start the trackers of --report_to and give each the resolved config (every process calls it; accelerate
-    starts trackers on the main process only). A run resuming from a checkpoint continues its trackio run."""
+    starts trackers on the main process only). A run resuming from a checkpoint continues its wandb and trackio
+    runs."""
     if not args.with_tracking:
         return
     if "wandb" in args.report_to and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
@@ -86,10 +89,13 @@ def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path, co
     if "trackio" in args.report_to:
         # trackio reads TRACKIO_DIR once, when it is first imported (by accelerate's tracker, just below).
         os.environ.setdefault("TRACKIO_DIR", str((output / "trackio").resolve()))
+    wandb_identity = (wandb_run_identity(output, resuming)
+                      if "wandb" in args.report_to and accelerator.is_main_process else {})
     accelerator.init_trackers(
         args.wandb_project_name,
         config=None,  # given below, in the form each tracker takes
-        init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.exp_name, "dir": str(output)},
+        init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.exp_name, "dir": str(output),
+                               **wandb_identity},
                      "mlflow": {"run_name": args.exp_name},  # its experiment: the project name
                      # the config at init: accelerate's later config.update would store its allow_val_change flag
                      # as one more hyperparameter
@@ -101,6 +107,22 @@ def init_tracking(accelerator: Accelerator, args: FinetuneArgs, output: Path, co
             tracker.store_init_configuration(config if tracker.name == "wandb" else scalar_config(config))
     if accelerator.is_main_process:
         logger.info("Tracking to %s.", ", ".join(tracking_places(args, output, own_mlflow_uri)))
+
+
+def wandb_run_identity(output: Path, resuming: bool) -> dict:
+    """wandb.init's id and resume: the id kept in OUTPUT_DIR/wandb/run_id when resuming (continue that run), else a
+    new one, written there for a later resume. A fresh run into the directory never joins an earlier run's id."""
+    from wandb.sdk.lib.runid import generate_id
+
+    from open_instruct.storage import write_text
+
+    path = output / "wandb" / "run_id"
+    if resuming and path.is_file() and path.read_text().strip():
+        return {"id": path.read_text().strip(), "resume": "allow"}
+    run_id = generate_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, run_id + "\n", "the wandb run id", "nothing else is affected")
+    return {"id": run_id}
 
 
 def tracking_places(args: FinetuneArgs, output: Path, own_mlflow_uri: bool) -> list[str]:

@@ -94,6 +94,16 @@ def test_trackio_gets_the_config_at_init_and_a_resumed_run_continues_its_run(tmp
     assert trackers.os.environ["TRACKIO_DIR"] == str(tmp_path / "trackio")  # its store under OUTPUT_DIR
 
 
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_gets_a_new_id(tmp_path):
+    first = trackers.wandb_run_identity(tmp_path, resuming=False)
+    assert set(first) == {"id"} and (tmp_path / "wandb" / "run_id").read_text() == first["id"] + "\n"
+    assert trackers.wandb_run_identity(tmp_path, resuming=True) == {"id": first["id"], "resume": "allow"}
+    fresh = trackers.wandb_run_identity(tmp_path, resuming=False)  # a new run into the directory: never joins
+    assert fresh["id"] != first["id"] and "resume" not in fresh
+    (tmp_path / "wandb" / "run_id").unlink()  # resuming a run that had no wandb before: a new run
+    assert "resume" not in trackers.wandb_run_identity(tmp_path, resuming=True)
+
+
 def test_scalar_config_writes_lists_and_none_as_text():
     flat = trackers.scalar_config({"a": [1, "x"], "b": None, "c": 1.5, "d": True, "e": "s", "f": 3})
     assert flat == {"a": "[1, 'x']", "b": "None", "c": 1.5, "d": True, "e": "s", "f": 3}
@@ -189,3 +199,41 @@ def read_wandb_offline(path) -> tuple[dict[int, dict], dict]:
         elif record.WhichOneof("record_type") == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
     return history, config
+
+
+def wandb_offline_runs(out) -> list[tuple[str, dict[int, dict]]]:
+    """(run id, history) of each offline run file under OUTPUT_DIR/wandb, oldest first."""
+    runs = []
+    for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
+        runs.append((path.stem.removeprefix("run-"), read_wandb_offline(path)[0]))
+    return runs
+
+
+@pytest.mark.integration
+@pytest.mark.faults
+def test_a_run_stopped_and_resumed_logs_into_the_same_wandb_and_trackio_runs(tiny_model_dir, tmp_path):
+    """SIGTERM at step 2 or later, then the same command: wandb's second offline file carries the first one's run id
+    (so `wandb sync` puts both into one run), and trackio has one run with every step once."""
+    import signal
+
+    from test_fault_signals import finish, start, stopped_step, wait_for_step
+
+    out, log = tmp_path / "run", tmp_path / "log"
+    args = train_args(tiny_model_dir, out, "--with_tracking", "--report_to", "wandb", "trackio", "--exp_name", "sft-x",
+                      "--wandb_project_name", "sft-resume")
+    process = start(args, 0.4, log=log, WANDB_MODE="offline")
+    wait_for_step(out, 2, process)
+    process.send_signal(signal.SIGTERM)
+    step = stopped_step(finish(process, log), "stopped by SIGTERM", 6)
+    finetune(args, env=clean_env(WANDB_MODE="offline"))
+
+    (first_id, before), (second_id, after) = wandb_offline_runs(out)
+    assert first_id == second_id
+    assert [s for s, row in before.items() if "train_loss" in row] == list(range(1, step + 1))
+    assert [s for s, row in after.items() if "train_loss" in row] == list(range(step + 1, 7))
+    logs, _ = read_trackio(out / "trackio", "sft-resume", "sft-x")
+    assert [row["step"] for row in logs if "train_loss" in row] == list(range(1, 7))
+    code = "import sys; from trackio.sqlite_storage import SQLiteStorage as S; print(S.get_runs(sys.argv[1]))"
+    runs = subprocess.run([sys.executable, "-c", code, "sft-resume"], env=clean_env(TRACKIO_DIR=str(out / "trackio")),
+                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert runs == "['sft-x']"
