@@ -55,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"open-instruct-sft: error: {name}: {module_name} is not in this installation; reinstall the package.",
               file=sys.stderr)
         return 2
-    sys.argv = [f"open-instruct-sft {name}", *rest]  # argparse's usage lines name the subcommand (cli() reads it)
-    entry = getattr(module, function)
-    code = entry() if function == "cli" else entry(rest)
+    sys.argv = [f"open-instruct-sft {name}", *rest]  # argparse's usage lines name the subcommand
+    code = getattr(module, function)(rest)
     return code if isinstance(code, int) else 0
 
 

@@ -554,12 +554,12 @@ def print_summary(summary: dict) -> None:
     print("\n".join(["", "Run finished:", *lines, ""]), flush=True)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """Entry point: a user error (bad data, missing login, unusable tokenizer, a full disk) prints one clear line, no
     traceback, exit status 2; a run stopped by a signal or its time budget says how it stopped, exit status 75."""
     code = 0
     try:
-        main()
+        main(argv)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2

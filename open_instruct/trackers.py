@@ -117,8 +117,9 @@ def wandb_run_identity(output: Path, resuming: bool) -> dict:
     from open_instruct.storage import write_text
 
     path = output / "wandb" / "run_id"
-    if resuming and path.is_file() and path.read_text().strip():
-        return {"id": path.read_text().strip(), "resume": "allow"}
+    kept = path.read_text().strip() if resuming and path.is_file() else ""
+    if kept:
+        return {"id": kept, "resume": "allow"}
     run_id = generate_id()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, run_id + "\n", "the wandb run id", "nothing else is affected")

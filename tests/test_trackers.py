@@ -157,14 +157,18 @@ def test_wandb_tensorboard_mlflow_and_trackio_get_the_same_metrics_and_no_secret
                 assert not any(s.encode() in data for s in SENTINELS.values()), path
 
 
-def read_trackio(store, project: str, run: str) -> tuple[list[dict], dict]:
-    """A run's logged rows and config, through trackio's own reader in a fresh process (it reads TRACKIO_DIR when
-    first imported)."""
-    code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
-            "print(json.dumps([S.get_logs(sys.argv[1], sys.argv[2]), S.get_run_config(sys.argv[1], sys.argv[2])]))")
-    result = subprocess.run([sys.executable, "-c", code, project, run], env=clean_env(TRACKIO_DIR=str(store)),
+def query_trackio(store, expression: str, *argv: str):
+    """`expression` (over trackio's SQLiteStorage as S, and sys.argv) evaluated by trackio's own reader in a fresh
+    process: trackio reads TRACKIO_DIR when first imported."""
+    code = f"import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; print(json.dumps({expression}))"
+    result = subprocess.run([sys.executable, "-c", code, *argv], env=clean_env(TRACKIO_DIR=str(store)),
                             capture_output=True, text=True, check=True, timeout=120)
-    logs, config = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def read_trackio(store, project: str, run: str) -> tuple[list[dict], dict]:
+    """A run's logged rows and config."""
+    logs, config = query_trackio(store, "[S.get_logs(*sys.argv[1:]), S.get_run_config(*sys.argv[1:])]", project, run)
     return logs, config
 
 
@@ -233,7 +237,4 @@ def test_a_run_stopped_and_resumed_logs_into_the_same_wandb_and_trackio_runs(tin
     assert [s for s, row in after.items() if "train_loss" in row] == list(range(step + 1, 7))
     logs, _ = read_trackio(out / "trackio", "sft-resume", "sft-x")
     assert [row["step"] for row in logs if "train_loss" in row] == list(range(1, 7))
-    code = "import sys; from trackio.sqlite_storage import SQLiteStorage as S; print(S.get_runs(sys.argv[1]))"
-    runs = subprocess.run([sys.executable, "-c", code, "sft-resume"], env=clean_env(TRACKIO_DIR=str(out / "trackio")),
-                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    assert runs == "['sft-x']"
+    assert query_trackio(out / "trackio", "S.get_runs(sys.argv[1])", "sft-resume") == ["sft-x"]
